@@ -1,0 +1,667 @@
+"""Benchmark this project's SSD against torchvision's, side by side in one process.
+
+Every row times the same work done by our code and by torchvision's reference code: A/B interleaved (the order
+alternates each repeat, so drifting machine load hits both sides alike), warm-up excluded, median of the repeats.
+Both models get the same weights. One table is printed; --json saves every figure with the machine and versions.
+
+    python bench.py                                    # everything, both models, CPU (about 30 min on 2 cores)
+    python bench.py --quick                            # 1-2 minute smoke run with tiny sizes
+    python bench.py --device cuda --amp --channels-last --model ssdlite320_mobilenet_v3_large --rows train infer
+
+The ratio column is ours / torchvision of the figure as printed; "speed-up" turns it into how many times faster
+ours is (the ratio for images/s and samples/s, its inverse for milliseconds and seconds).
+"""
+import argparse
+import contextlib
+import copy
+import datetime
+import importlib.metadata
+import io
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+from PIL import Image, ImageDraw
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from torchvision.ops import box_iou
+
+import coco_eval
+import coco_utils
+import models
+import presets
+import utils
+from models.postprocess import postprocess_detections
+from models.transform import batch_targets
+
+MODEL_NAMES = ("ssd300_vgg16", "ssdlite320_mobilenet_v3_large")
+SHORT_NAMES = {"ssd300_vgg16": "SSD300", "ssdlite320_mobilenet_v3_large": "SSDlite"}
+POLICIES = {"ssd300_vgg16": "ssd", "ssdlite320_mobilenet_v3_large": "ssdlite"}  # the published recipes' augmentation
+ROW_KINDS = ("train", "infer", "postprocess", "loss", "data", "eval")
+TIME_UNITS = ("ms/batch", "s")  # lower is better; every other unit is a throughput
+
+# COCO's 80 category ids (1-90 with gaps), so labels and evaluation look like COCO's.
+COCO_CATEGORY_IDS = [i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)]
+IMAGE_SIZES = [(640, 480), (480, 640), (640, 427), (500, 375), (640, 512), (427, 640)]  # (width, height), COCO-like
+
+# A trained SSD keeps about 1k-5k (anchor, class) candidates above its score threshold per image; random-init
+# weights score every pair alike and fill every class's top-k, which is not what users run.
+CANDIDATES_PER_IMAGE = 2000
+LOGIT_SPREAD = 2.0  # standard deviation of the foreground logits over anchors and classes
+
+
+@dataclass
+class Sizes:
+    train_batches: tuple
+    infer_batches: tuple
+    postprocess_batch: int
+    loss_batch: int
+    data_images: int  # generated JPEGs; one data-loading pass reads them all
+    eval_images: int
+    detections_per_image: int
+    repeats: int
+    warmup: int
+
+
+FULL = Sizes(train_batches=(4, 16), infer_batches=(1, 8), postprocess_batch=8, loss_batch=16, data_images=160,
+             eval_images=5000, detections_per_image=100, repeats=5, warmup=1)
+QUICK = Sizes(train_batches=(2, 3), infer_batches=(1, 2), postprocess_batch=2, loss_batch=2, data_images=8,
+              eval_images=50, detections_per_image=100, repeats=1, warmup=1)
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description="Benchmark our SSD against torchvision's")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    parser.add_argument("--amp", action="store_true",
+                        help="autocast the models: float16 on CUDA (with GradScaler); bfloat16 on CPU, which is "
+                             "emulated and several times slower on CPUs without AVX512-BF16/AMX")
+    parser.add_argument("--channels-last", action="store_true", help="channels_last memory format for both models")
+    parser.add_argument("--model", nargs="+", choices=MODEL_NAMES, default=list(MODEL_NAMES),
+                        help="model(s) to benchmark (default: both)")
+    parser.add_argument("--rows", nargs="+", choices=ROW_KINDS, default=list(ROW_KINDS),
+                        help="which kinds of rows to run (default: all)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per row (default: 5, quick: 1)")
+    parser.add_argument("--quick", action="store_true", help="1-2 minute smoke run with tiny sizes and repeats")
+    parser.add_argument("--data-path", default=None,
+                        help="a COCO-layout folder (train2017/, annotations/instances_train2017.json) to read "
+                             "images from instead of generated COCO-like JPEGs")
+    parser.add_argument("--json", default=None, help="save machine info, versions and every figure to this file")
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Timing
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_once(fn, device):
+    synchronize(device)
+    start = time.perf_counter()
+    output = fn()
+    synchronize(device)
+    return time.perf_counter() - start, output
+
+
+def compare(fns, sizes, device, warmup=None):
+    """Median seconds of each fn and each fn's last output. Interleaved, rotating which goes first each repeat, so
+    drifting machine load hits every side alike; warm-up runs excluded."""
+    warmup = sizes.warmup if warmup is None else warmup
+    times, outputs = [[] for _ in fns], [None] * len(fns)
+    for i in range(warmup + sizes.repeats):
+        for k in [(i + j) % len(fns) for j in range(len(fns))]:
+            elapsed, outputs[k] = time_once(fns[k], device)
+            if i >= warmup:
+                times[k].append(elapsed)
+    return [statistics.median(t) for t in times], outputs
+
+
+def make_row(name, ours, theirs, unit, note=""):
+    ratio = ours / theirs
+    return {"name": name, "ours": ours, "torchvision": theirs, "unit": unit, "ratio": ratio,
+            "speedup": 1.0 / ratio if unit in TIME_UNITS else ratio, "note": note}
+
+
+def throughput_row(name, count, seconds, unit):
+    return make_row(name, count / seconds[0], count / seconds[1], unit)
+
+
+START = time.perf_counter()
+
+
+def log(message):
+    print(f"[bench {time.perf_counter() - START:5.0f} s] {message}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data
+
+
+def random_boxes(rng, width, height, count):
+    """[count, 4] XYWH boxes inside the image, sides log-uniform from small to large like COCO's objects."""
+    wh = np.exp(rng.uniform(np.log(12), np.log([0.7 * width, 0.7 * height]), size=(count, 2)))
+    xy = rng.uniform(0, 1, (count, 2)) * ([width, height] - wh)
+    return np.concatenate([xy, wh], axis=1)
+
+
+def write_coco_like_images(root, num_images, seed=0):
+    """A COCO-layout training folder of ~640x480 JPEGs with 1-6 boxes each. Textured (gradient plus noise) so the
+    files are COCO-sized and decoding costs what it does on COCO."""
+    rng = np.random.RandomState(seed)
+    (root / "train2017").mkdir(parents=True)
+    (root / "annotations").mkdir()
+    images, annotations = [], []
+    for image_id in range(1, num_images + 1):
+        width, height = IMAGE_SIZES[rng.randint(len(IMAGE_SIZES))]
+        gradient = np.linspace(0, 1, width)[None, :, None] * rng.uniform(-80, 80, 3)
+        pixels = rng.uniform(60, 200, 3) + gradient + rng.normal(0, 12, (height, width, 3))
+        image = Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+        draw = ImageDraw.Draw(image)
+        for x, y, w, h in random_boxes(rng, width, height, rng.randint(1, 7)).tolist():
+            shape = draw.ellipse if rng.rand() < 0.5 else draw.rectangle
+            shape([x, y, x + w, y + h], fill=tuple(int(c) for c in rng.randint(0, 256, 3)))
+            annotations.append({
+                "id": len(annotations) + 1, "image_id": image_id, "category_id": int(rng.choice(COCO_CATEGORY_IDS)),
+                "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0,
+                "segmentation": [[x, y, x + w, y, x + w, y + h, x, y + h]],
+            })
+        file_name = f"{image_id:012d}.jpg"
+        image.save(root / "train2017" / file_name, quality=90)
+        images.append({"id": image_id, "file_name": file_name, "width": width, "height": height})
+    categories = [{"id": i, "name": f"class{i}", "supercategory": "thing"} for i in COCO_CATEGORY_IDS]
+    ann_file = root / "annotations" / "instances_train2017.json"
+    ann_file.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    return root
+
+
+def load_samples(root, count):
+    """The first `count` training images as float [0, 1] tensors with their box targets (original sizes)."""
+    dataset = coco_utils.get_coco(root, "train", presets.DetectionPresetEval())
+    if len(dataset) < count:
+        raise SystemExit(f"bench.py: error: --data-path {root} has {len(dataset)} usable training images, "
+                         f"need at least {count}")
+    samples = [dataset[i] for i in range(count)]
+    return [image for image, _ in samples], [{"boxes": t["boxes"], "labels": t["labels"]} for _, t in samples]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Models
+
+
+def final_classification_convs(model):
+    """The convolutions whose output channels are (anchor, class) logits, one per feature map."""
+    for module in model.head.classification_head.module_list:
+        yield module if isinstance(module, torch.nn.Conv2d) else module[-1]
+
+
+def candidates_per_image(cls_logits, score_thresh, topk_candidates):
+    """Mean count of (anchor, class) pairs post-processing keeps before NMS: score above the threshold, at most
+    topk_candidates per class."""
+    scores = cls_logits.float().softmax(-1)[..., 1:]
+    per_class = (scores > score_thresh).sum(1).clamp(max=topk_candidates)
+    return per_class.sum(1).float().mean().item()
+
+
+def background_offset(cls_logits, score_thresh, topk_candidates, target=CANDIDATES_PER_IMAGE):
+    """The shift of the background logit that leaves about `target` candidates per image (bisection: more
+    background means fewer candidates)."""
+    low, high = -100.0, 100.0
+    for _ in range(40):
+        middle = (low + high) / 2
+        shifted = cls_logits.clone()
+        shifted[..., 0] += middle
+        if candidates_per_image(shifted, score_thresh, topk_candidates) > target:
+            low = middle
+        else:
+            high = middle
+    return high
+
+
+@torch.no_grad()
+def head_outputs(model, images, targets=None):
+    """torchvision's forward up to the heads: (head outputs, anchors, resized image sizes, resized targets)."""
+    image_list, targets = model.transform(images, targets)
+    features = list(model.backbone(image_list.tensors).values())
+    outputs = model.head(features)
+    return outputs, model.anchor_generator(image_list, features), image_list.image_sizes, targets
+
+
+def recalibrate_batch_norm(model, images):
+    """Running statistics from one batch. Random-init statistics (mean 0, variance 1) do not match the
+    activations, and through SSDlite's many normal(0, 0.03) layers its eval-mode logits shrink to ~1e-15, all
+    equal; a trained model's statistics match its activations."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    momenta = [norm.momentum for norm in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative average: after one batch, exactly its statistics
+    head_outputs(model.train(), images)
+    for norm, momentum in zip(norms, momenta):
+        norm.momentum = momentum
+    model.eval()
+
+
+def build_models(name, calibration_images, args):
+    """(ours, torchvision's, shared state_dict) with weights whose scores look like a trained model's:
+    torchvision's random init, BatchNorm statistics from real images, foreground logits spread like
+    LOGIT_SPREAD, and the background logit raised until about CANDIDATES_PER_IMAGE candidates survive per image."""
+    theirs = torchvision.models.get_model(name, weights=None, weights_backbone=None)
+    recalibrate_batch_norm(theirs, calibration_images)
+    cls_logits = head_outputs(theirs, calibration_images)[0]["cls_logits"]
+    scale = LOGIT_SPREAD / cls_logits[..., 1:].std().item()
+    offset = background_offset(scale * cls_logits, theirs.score_thresh, theirs.topk_candidates)
+    for conv in final_classification_convs(theirs):
+        conv.weight.data *= scale
+        conv.bias.data *= scale
+        conv.bias.data.view(-1, cls_logits.shape[-1])[:, 0] += offset
+    ours = models.get_model(name)
+    state = copy.deepcopy(theirs.state_dict())
+    ours.load_state_dict(state)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    return ours.to(args.device, memory_format=memory_format), theirs.to(args.device, memory_format=memory_format), state
+
+
+def autocast(args):
+    dtype = torch.float16 if args.device.type == "cuda" else torch.bfloat16
+    return torch.autocast(args.device.type, dtype=dtype, enabled=args.amp)
+
+
+def to_device(images, targets, device):
+    return [i.to(device) for i in images], [{k: v.to(device) for k, v in t.items()} for t in targets]
+
+
+@dataclass
+class ModelPair:
+    ours: torch.nn.Module
+    theirs: torch.nn.Module
+    state: dict
+
+    def fresh(self):
+        """Both models in eval mode with the shared weights again (timed training steps change them)."""
+        for model in (self.ours, self.theirs):
+            model.load_state_dict(self.state)
+            model.eval()
+        return [self.ours, self.theirs]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rows 1-4: the models
+
+
+def train_rows(short, pair, images, targets, args, sizes):
+    rows = []
+    for batch in sizes.train_batches:
+        on_device = to_device(images[:batch], targets[:batch], args.device)
+        steps = [train_step_fn(model, *on_device, args) for model in pair.fresh()]
+        seconds, _ = compare(steps, sizes, args.device)
+        rows.append(throughput_row(f"{short} training step, batch {batch}", batch, seconds, "img/s"))
+    return rows
+
+
+def train_step_fn(model, images, targets, args):
+    """One step as train.py takes it: forward, loss, backward, SGD (with GradScaler under CUDA AMP)."""
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, weight_decay=5e-4)
+    scaler = torch.amp.GradScaler(args.device.type, enabled=args.amp and args.device.type == "cuda")
+
+    def step():
+        with autocast(args):
+            loss = sum(model(images, targets).values())
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    return step
+
+
+def infer_rows(short, pair, images, targets, args, sizes):
+    rows = []
+    for batch in sizes.infer_batches:
+        batch_images = [image.to(args.device) for image in images[:batch]]
+        calls = [inference_fn(model, batch_images, args) for model in pair.fresh()]
+        seconds, _ = compare(calls, sizes, args.device)
+        rows.append(throughput_row(f"{short} inference end to end, batch {batch}", batch, seconds, "img/s"))
+    return rows
+
+
+def inference_fn(model, images, args):
+    """Input transform, backbone, head, post-processing and mapping boxes back to the original image sizes."""
+    model.eval()
+
+    def infer():
+        with torch.inference_mode(), autocast(args):
+            return model(images)
+    return infer
+
+
+
+def postprocess_rows(short, pair, images, targets, args, sizes):
+    """Head outputs to per-image detections in the network's input frame (mapping back excluded)."""
+    ours, theirs = pair.fresh()
+    batch = sizes.postprocess_batch
+    outputs, anchors, image_sizes, _ = head_outputs(theirs, [image.to(args.device) for image in images[:batch]])
+    candidates = candidates_per_image(outputs["cls_logits"], theirs.score_thresh, theirs.topk_candidates)
+    calls = [lambda: our_postprocess(ours, outputs, anchors[0]),
+             lambda: theirs.postprocess_detections(outputs, anchors, image_sizes)]
+    with torch.inference_mode():
+        seconds, detections = compare(calls, sizes, args.device)
+    note = f"{candidates:.0f} candidates/image; {same_detections(*detections)}"
+    return [make_row(f"{short} post-processing, batch {batch}", 1000 * seconds[0], 1000 * seconds[1], "ms/batch",
+                     note=note)]
+
+
+def our_postprocess(model, outputs, anchors):
+    boxes, scores, labels, valid = postprocess_detections(
+        outputs["bbox_regression"], outputs["cls_logits"], anchors, model.size,
+        model.score_thresh, model.nms_thresh, model.detections_per_img, model.topk_candidates)
+    return [{"boxes": b[:n], "scores": s[:n], "labels": l[:n]}
+            for b, s, l, n in zip(boxes, scores, labels, valid.sum(1).tolist())]
+
+
+def same_detections(ours, theirs):
+    """A check that both sides did the same work: equal labels, boxes and scores within 1e-4."""
+    for mine, reference in zip(ours, theirs):
+        if not (torch.equal(mine["labels"], reference["labels"])
+                and torch.allclose(mine["boxes"], reference["boxes"], atol=1e-4)
+                and torch.allclose(mine["scores"], reference["scores"], atol=1e-4)):
+            return "WARNING: detections differ"
+    return f"same detections ({sum(len(d['labels']) for d in ours) / len(ours):.0f}/image)"
+
+
+def loss_rows(short, pair, images, targets, args, sizes):
+    """Matching, target encoding, hard-negative mining and the two losses, from head outputs (no backward)."""
+    ours, theirs = pair.fresh()
+    batch = sizes.loss_batch
+    outputs, anchors, _, resized_targets = head_outputs(theirs, *to_device(images[:batch], targets[:batch], args.device))
+    # As in training, the head outputs require grad, so the loss records its autograd graph.
+    outputs = {k: v.requires_grad_() for k, v in outputs.items()}
+    calls = [lambda: ours.compute_loss(outputs, anchors[0], *batch_targets(resized_targets)),
+             lambda: torchvision_loss(theirs, resized_targets, outputs, anchors)]
+    seconds, losses = compare(calls, sizes, args.device)
+    difference = max(abs(losses[0][k].item() / losses[1][k].item() - 1) for k in losses[1])
+    note = "same losses" if difference < 1e-4 else f"WARNING: losses differ by {difference:.1e} relative"
+    return [make_row(f"{short} loss, batch {batch}", 1000 * seconds[0], 1000 * seconds[1], "ms/batch", note=note)]
+
+
+def torchvision_loss(model, targets, outputs, anchors):
+    """torchvision's SSD.forward from anchors to losses: per-image matching, then compute_loss."""
+    matched_idxs = []
+    for anchors_per_image, target in zip(anchors, targets):
+        if target["boxes"].numel() == 0:
+            matched_idxs.append(torch.full((len(anchors_per_image),), -1, dtype=torch.int64, device=anchors_per_image.device))
+        else:
+            matched_idxs.append(model.proposal_matcher(box_iou(target["boxes"], anchors_per_image)))
+    return model.compute_loss(targets, outputs, anchors, matched_idxs)
+
+
+ROW_FUNCTIONS = {"train": train_rows, "infer": infer_rows, "postprocess": postprocess_rows, "loss": loss_rows}
+
+# ---------------------------------------------------------------------------------------------------------------
+# Row 5: data loading
+
+
+def torchvision_v2_policy(policy):
+    """torchvision's reference DetectionPresetTrain(data_augmentation=policy, use_v2=True) for PIL input."""
+    from torchvision import tv_tensors
+    from torchvision.transforms import v2
+
+    mean = (123.0, 117.0, 104.0)
+    augmentations = {
+        "ssd": [v2.RandomPhotometricDistort(), v2.RandomZoomOut(fill=defaultdict(lambda: mean, {tv_tensors.Mask: 0})),
+                v2.RandomIoUCrop(), v2.RandomHorizontalFlip()],
+        "ssdlite": [v2.RandomIoUCrop(), v2.RandomHorizontalFlip()],
+    }[policy]
+    return v2.Compose(augmentations + [
+        v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
+        v2.ConvertBoundingBoxFormat(tv_tensors.BoundingBoxFormat.XYXY), v2.SanitizeBoundingBoxes(), v2.ToPureTensor(),
+    ])
+
+
+def training_datasets(root, policy, count):
+    """(ours, torchvision's v2 pipeline) over the same first `count` training images."""
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools' "loading annotations" chatter
+        ours = coco_utils.get_coco(root, "train", presets.DetectionPresetTrain(data_augmentation=policy))
+        theirs = torchvision.datasets.CocoDetection(
+            root / "train2017", root / "annotations" / "instances_train2017.json", transforms=torchvision_v2_policy(policy))
+    theirs = torchvision.datasets.wrap_dataset_for_transforms_v2(theirs, target_keys=["boxes", "labels", "image_id"])
+    return [torch.utils.data.Subset(d, range(min(count, len(d)))) for d in (ours, theirs)]
+
+
+def data_rows(root, policy, sizes, device):
+    rows = []
+    datasets = training_datasets(root, policy, sizes.data_images)
+    for workers in (0, 2):
+        # Persistent workers: each timed pass is a steady-state epoch, not process start-up.
+        loaders = [torch.utils.data.DataLoader(d, batch_size=4, num_workers=workers, collate_fn=utils.collate_fn,
+                                               persistent_workers=workers > 0) for d in datasets]
+        seconds, _ = compare([epoch_fn(loader) for loader in loaders], sizes, device)
+        rows.append(make_row(f"data loading, {policy} policy, {workers} workers",
+                             len(datasets[0]) / seconds[0], len(datasets[1]) / seconds[1], "samples/s",
+                             note="ours v1 vs torchvision v2"))
+    return rows
+
+
+def epoch_fn(loader):
+    def epoch():
+        for _ in loader:
+            pass
+    return epoch
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Row 6: COCO evaluation
+
+
+def synthetic_evaluation(num_images, detections_per_image, seed=0):
+    """(COCO ground truth with 1-14 objects per image like COCO val, detections like a trained model's: jittered
+    copies of the objects with high scores, a fifth of them with the wrong class, and random low-score boxes)."""
+    rng = np.random.RandomState(seed)
+    images, annotations, detections = [], [], {}
+    for image_id in range(1, num_images + 1):
+        width, height = IMAGE_SIZES[rng.randint(len(IMAGE_SIZES))]
+        images.append({"id": image_id, "width": width, "height": height, "file_name": f"{image_id}.jpg"})
+        gt_boxes = random_boxes(rng, width, height, rng.randint(1, 15))
+        gt_labels = rng.choice(COCO_CATEGORY_IDS, len(gt_boxes))
+        for box, label in zip(gt_boxes.tolist(), gt_labels.tolist()):
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": label,
+                                "bbox": box, "area": box[2] * box[3], "iscrowd": 0})
+        hits = rng.randint(len(gt_boxes), size=min(3 * len(gt_boxes), detections_per_image))
+        jittered = gt_boxes[hits] + rng.normal(0, 0.1, (len(hits), 4)) * gt_boxes[hits][:, [2, 3, 2, 3]]
+        jittered[:, 2:] = np.abs(jittered[:, 2:]) + 1
+        misses = detections_per_image - len(hits)
+        xywh = np.concatenate([jittered, random_boxes(rng, width, height, misses)])
+        labels = np.concatenate([gt_labels[hits], rng.choice(COCO_CATEGORY_IDS, misses)])
+        wrong_class = rng.rand(len(hits)) < 0.2
+        labels[:len(hits)][wrong_class] = rng.choice(COCO_CATEGORY_IDS, wrong_class.sum())
+        scores = np.concatenate([rng.uniform(0.3, 1.0, len(hits)), rng.uniform(0.0, 0.4, misses)])
+        detections[image_id] = {
+            "boxes": torch.tensor(np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1), dtype=torch.float32),
+            "scores": torch.tensor(scores, dtype=torch.float32),
+            "labels": torch.tensor(labels, dtype=torch.int64),
+        }
+    categories = [{"id": i, "name": f"class{i}"} for i in COCO_CATEGORY_IDS]
+    coco_gt = COCO()
+    coco_gt.dataset = {"images": images, "annotations": annotations, "categories": categories}
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt.createIndex()
+    return coco_gt, detections
+
+
+def our_evaluation_fn(coco_gt, detections, backend, batch_size=8):
+    """engine.evaluate's flow: update per inference batch, evaluate once at the end."""
+    def evaluate():
+        evaluator = coco_eval.CocoEvaluator(coco_gt, backend=backend)
+        image_ids = sorted(detections)
+        for start in range(0, len(image_ids), batch_size):
+            evaluator.update({i: detections[i] for i in image_ids[start:start + batch_size]})
+        evaluator.synchronize_between_processes()
+        evaluator.accumulate()
+        with contextlib.redirect_stdout(io.StringIO()):
+            evaluator.summarize()
+        return evaluator.stats
+    return evaluate
+
+
+def torchvision_evaluation_fn(coco_gt, detections):
+    """torchvision's reference flow, written with pycocotools directly: copy the ground truth, run loadRes and
+    COCOeval.evaluate after every batch of its evaluation loader (batch size 1), then concatenate the per-image
+    results and accumulate once."""
+    def evaluate():
+        coco_eval_ = COCOeval(copy.deepcopy(coco_gt), iouType="bbox")
+        image_ids, per_batch = [], []
+        for image_id, prediction in sorted(detections.items()):
+            boxes = prediction["boxes"]
+            xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], 1).tolist()
+            results = [{"image_id": image_id, "category_id": label, "bbox": box, "score": score} for box, score, label
+                       in zip(xywh, prediction["scores"].tolist(), prediction["labels"].tolist())]
+            with contextlib.redirect_stdout(io.StringIO()):
+                coco_eval_.cocoDt = coco_eval_.cocoGt.loadRes(results)
+                coco_eval_.params.imgIds = [image_id]
+                coco_eval_.evaluate()
+            image_ids.append(image_id)
+            per_batch.append(np.asarray(coco_eval_.evalImgs).reshape(-1, len(coco_eval_.params.areaRng), 1))
+        coco_eval_.evalImgs = list(np.concatenate(per_batch, 2).flatten())
+        coco_eval_.params.imgIds = image_ids
+        coco_eval_._paramsEval = copy.deepcopy(coco_eval_.params)
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco_eval_.accumulate()
+            coco_eval_.summarize()
+        return [float(s) for s in coco_eval_.stats]
+    return evaluate
+
+
+def eval_rows(sizes, device):
+    coco_gt, detections = synthetic_evaluation(sizes.eval_images, sizes.detections_per_image)
+    flows = [our_evaluation_fn(coco_gt, detections, "pycocotools"),
+             our_evaluation_fn(coco_gt, detections, "faster-coco-eval"),
+             torchvision_evaluation_fn(coco_gt, detections)]
+    # No warm-up: nothing is compiled or cached, and one pycocotools pass of 5,000 images takes a minute.
+    (pycocotools_s, faster_s, torchvision_s), stats = compare(flows, sizes, device, warmup=0)
+    difference = max(abs(a - b) for ours in stats[:2] for a, b in zip(ours, stats[2]))
+    check = "same 12 stats" if difference < 1e-9 else f"WARNING: stats differ by {difference:.2g}"
+    name = f"COCO eval, {sizes.eval_images} images x {sizes.detections_per_image} detections"
+    return [
+        make_row(f"{name}, pycocotools", pycocotools_s, torchvision_s, "s",
+                 note=f"vs torchvision's per-batch flow; {check}"),
+        make_row(f"{name}, faster-coco-eval", faster_s, torchvision_s, "s",
+                 note=f"{pycocotools_s / faster_s:.1f}x our pycocotools backend"),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Report
+
+
+def significant(x, digits=3):
+    """x with `digits` significant digits, without an exponent."""
+    decimals = digits - 1 - math.floor(math.log10(abs(x))) if x else 0
+    return f"{x:.{max(0, decimals)}f}"
+
+
+def format_table(rows):
+    header = ["row", "ours", "torchvision", "unit", "ours/tv", "speed-up", "note"]
+    lines = [[r["name"], significant(r["ours"]), significant(r["torchvision"]), r["unit"], significant(r["ratio"]),
+              f"{significant(r['speedup'])}x", r["note"]] for r in rows]
+    widths = [max(len(str(line[i])) for line in [header] + lines) for i in range(len(header))]
+    render = lambda cells: " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    return "\n".join([render(header), "-+-".join("-" * w for w in widths)] + [render(line) for line in lines])
+
+
+def cpu_model():
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def machine_info(device):
+    versions = {name: importlib.metadata.version(name)
+                for name in ("torch", "torchvision", "numpy", "pillow", "pycocotools", "faster-coco-eval")}
+    return {
+        "cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "load_average_at_start": os.getloadavg()[0], "platform": platform.platform(),
+        "python": platform.python_version(), "versions": versions,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+    }
+
+
+def main(args):
+    try:
+        args.device = torch.device(args.device)
+    except RuntimeError:
+        raise SystemExit(f"bench.py: error: --device {args.device!r} is not a device; use cpu or cuda") from None
+    if args.device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("bench.py: error: --device cuda given but CUDA is not available")
+        torch.backends.cudnn.benchmark = True  # SSD inputs have one fixed size
+    sizes = QUICK if args.quick else FULL
+    if args.repeats is not None:
+        if args.repeats < 1:
+            raise SystemExit(f"bench.py: error: --repeats must be at least 1, got {args.repeats}")
+        sizes = Sizes(**{**asdict(sizes), "repeats": args.repeats})
+    info = machine_info(args.device)
+    started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.data_path:
+            root = Path(args.data_path)
+        else:
+            log(f"writing {max(sizes.data_images, 16)} COCO-like JPEGs")
+            root = write_coco_like_images(Path(tmp) / "coco", max(sizes.data_images, 16))
+        rows += model_and_data_rows(root, args, sizes)
+    if "eval" in args.rows:
+        log("COCO evaluation")
+        rows += eval_rows(sizes, args.device)
+
+    command = " ".join(["python"] + sys.argv)
+    print(f"# {command}\n# {started}; {info['cpu']}, {info['cpu_count']} cpus, {info['torch_threads']} torch threads, "
+          f"device {info['device']}, torch {info['versions']['torch']}, torchvision {info['versions']['torchvision']}, "
+          f"load average at start {info['load_average_at_start']:.2f}")
+    print(format_table(rows))
+    if args.json:
+        report = {"date": started, "command": command, "machine": info, "sizes": asdict(sizes),
+                  "flags": {"device": str(args.device), "amp": args.amp, "channels_last": args.channels_last},
+                  "rows": rows}
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+
+
+def model_and_data_rows(root, args, sizes):
+    rows = []
+    model_kinds = [kind for kind in ROW_FUNCTIONS if kind in args.rows]
+    for name in args.model if model_kinds else []:
+        short = SHORT_NAMES[name]
+        log(f"{short}: building both models")
+        count = max(sizes.train_batches + sizes.infer_batches + (sizes.postprocess_batch, sizes.loss_batch))
+        images, targets = load_samples(root, count)
+        pair = ModelPair(*build_models(name, images[:max(sizes.infer_batches)], args))
+        for kind in model_kinds:
+            log(f"{short}: {kind}")
+            rows += ROW_FUNCTIONS[kind](SHORT_NAMES[name], pair, images, targets, args, sizes)
+    for name in args.model if "data" in args.rows else []:
+        log(f"data loading, {POLICIES[name]} policy")
+        rows += data_rows(root, POLICIES[name], sizes, args.device)
+    return rows
+
+
+if __name__ == "__main__":
+    try:
+        main(get_args_parser().parse_args())
+    except coco_utils.DatasetError as error:
+        sys.exit(f"bench.py: error: --data-path: {error}")

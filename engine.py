@@ -1,0 +1,92 @@
+"""One training epoch and one COCO evaluation pass."""
+import math
+import time
+
+import torch
+
+import utils
+from coco_eval import CocoEvaluator
+from coco_utils import get_coco_api_from_dataset
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or Inf; raised before backward/step, so the parameters are still the last good ones."""
+
+
+def _describe_non_finite(epoch, iteration, loss, loss_dict, targets):
+    """One line naming where it happened, every loss term and the images of the whole (all-rank) batch."""
+    terms = ", ".join(f"{name}={value.item():.6g}" for name, value in {"loss": loss, **loss_dict}.items())
+    local_ids = [int(t["image_id"]) for t in targets]
+    image_ids = [image_id for rank_ids in utils.all_gather(local_ids) for image_id in rank_ids]
+    return f"non-finite loss at epoch {epoch}, iteration {iteration}: {terms}; image ids {image_ids}"
+
+
+def train_one_epoch(model, optimizer, data_loader, device, epoch, print_freq, scaler=None, amp_dtype=None,
+                    warmup_iters=1000):
+    """Train for one epoch; returns the epoch means of the loss terms and the lr at the epoch's end."""
+    model.train()
+    metric_logger = utils.MetricLogger(delimiter="  ")
+    metric_logger.add_meter("lr", utils.SmoothedValue(window_size=1, fmt="{value:.6f}"))
+    header = f"Epoch: [{epoch}]"
+
+    # torchvision's linear warm-up, first epoch only, on top of the epoch scheduler. A one-batch epoch gets none:
+    # LinearLR with total_iters=0 would leave the lr at start_factor for good.
+    warmup_iters = min(warmup_iters, len(data_loader) - 1)
+    warmup = None
+    if epoch == 0 and warmup_iters > 0:
+        warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0 / 1000, total_iters=warmup_iters)
+
+    for iteration, (images, targets) in enumerate(metric_logger.log_every(data_loader, print_freq, header)):
+        images = [image.to(device, non_blocking=True) for image in images]
+        targets = [{k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in t.items()}
+                   for t in targets]
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            loss_dict = model(images, targets)
+            losses = sum(loss_dict.values())
+
+        # Every rank sees the same averaged value, so all ranks stop together. This .item() is the loop's one sync.
+        loss_dict_reduced = utils.reduce_dict(loss_dict)
+        loss_reduced = sum(loss_dict_reduced.values())
+        if not math.isfinite(loss_reduced.item()):
+            raise NonFiniteLossError(_describe_non_finite(epoch, iteration, loss_reduced, loss_dict_reduced, targets))
+
+        optimizer.zero_grad()
+        if scaler is not None:
+            scaler.scale(losses).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            losses.backward()
+            optimizer.step()
+
+        metric_logger.update(loss=loss_reduced, **loss_dict_reduced)
+        metric_logger.update(lr=optimizer.param_groups[0]["lr"])  # the lr this step used
+        if warmup is not None:
+            warmup.step()
+
+    means = {name: meter.global_avg for name, meter in metric_logger.meters.items() if name != "lr"}
+    return {**means, "lr": optimizer.param_groups[0]["lr"]}
+
+
+@torch.inference_mode()
+def evaluate(model, data_loader, device, coco_backend="pycocotools", amp_dtype=None):
+    """COCO bbox evaluation of model on data_loader's dataset (all ranks); returns the 12 summary stats."""
+    model.eval()
+    metric_logger = utils.MetricLogger(delimiter="  ")
+    header = "Test:"
+    coco_evaluator = CocoEvaluator(get_coco_api_from_dataset(data_loader.dataset), backend=coco_backend)
+
+    for images, targets in metric_logger.log_every(data_loader, 100, header):
+        images = [image.to(device, non_blocking=True) for image in images]
+        model_time = time.time()
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            outputs = model(images)
+        # The copy to the host waits for the device, so model_time covers the whole forward.
+        outputs = [{k: v.to("cpu") for k, v in output.items()} for output in outputs]
+        metric_logger.update(model_time=time.time() - model_time)
+        coco_evaluator.update({target["image_id"]: output for target, output in zip(targets, outputs)})
+
+    coco_evaluator.synchronize_between_processes()
+    coco_evaluator.accumulate()
+    coco_evaluator.summarize()
+    return coco_evaluator.stats

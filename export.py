@@ -1,0 +1,196 @@
+"""Export a detector to ONNX, the whole inference pipeline in one graph, and check it against PyTorch.
+
+    python export.py --weights output/model_9.pth --output ssdlite.onnx --check photos/a.jpg photos/b.jpg
+
+The graph takes a float image batch [B, 3, H, W] in [0, 1], already resized to the model's input size (H, W)
+(300x300 for SSD300, 320x320 for SSDlite); normalisation, the network, box decoding, score thresholding, per-class
+top-k and NMS all run inside it. Outputs (K = the model's detections_per_img):
+    boxes  [B, K, 4] float32  XYXY in pixels of the H x W input
+    scores [B, K]    float32  in descending order; padding slots are 0
+    labels [B, K]    int64    padding slots are 0 (the background label)
+    num_detections [B] int64  how many leading slots of each row are real detections
+The batch size is dynamic. Class names, the input size and the score threshold are stored in the ONNX metadata.
+
+After exporting, the graph is run with onnxruntime on the --check images (or synthetic ones) and compared with the
+PyTorch model's own eval pipeline: the same detections within tolerance, or exit status 1.
+"""
+import argparse
+import importlib
+import json
+import logging
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import models
+from predict import UsageError, load_detector, read_image
+
+INPUT_NAMES = ["images"]
+OUTPUT_NAMES = ["boxes", "scores", "labels", "num_detections"]
+# Boxes are pixels of a ~300 px input: 0.05 px is far below anything visible and far above the float32 noise
+# between two runtimes (about 1e-4 px measured); likewise for scores.
+BOX_TOLERANCE = 0.05
+SCORE_TOLERANCE = 5e-4
+
+
+def require(module, package):
+    """Import an optional dependency, or stop with a one-line message that says what to install."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise UsageError(f"export.py needs the optional package '{package}': pip install {package}") from None
+
+
+class DetectionPipeline(torch.nn.Module):
+    """The exported graph: [0, 1] images at model.size -> padded boxes, scores, labels and detection counts."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images):
+        mean, std = self.model.image_mean.view(1, 3, 1, 1), self.model.image_std.view(1, 3, 1, 1)
+        boxes, scores, labels, valid = self.model.detect((images - mean) / std)
+        return boxes, scores, labels, valid.sum(dim=1)
+
+
+def onnx_translations():
+    """ONNX for the model's custom ops: ssd::nms_mask (per-image, per-class NMS as a [B, C, A] mask) becomes
+    ONNX's NonMaxSuppression, which handles the batch and class dimensions itself."""
+    onnxscript = require("onnxscript", "onnxscript")
+    op = onnxscript.opset18
+
+    def nms_mask(boxes, scores, iou_threshold: float, max_kept: int):
+        # max_kept only lets PyTorch stop early; keeping every NMS survivor selects the same best max_kept.
+        selected = op.NonMaxSuppression(  # [M, 3] rows of (image, class, anchor); zero scores are not candidates
+            boxes, scores, op.Constant(value_ints=[2**31 - 1]), op.Constant(value_floats=[iou_threshold]),
+            op.Constant(value_floats=[0.0]),
+        )
+        ones = op.Expand(op.Constant(value_floats=[1.0]), op.Shape(selected, start=0, end=1))
+        return op.Cast(op.ScatterND(op.ConstantOfShape(op.Shape(scores)), selected, ones), to=require("onnx", "onnx").TensorProto.BOOL)
+
+    return {torch.ops.ssd.nms_mask.default: nms_mask}
+
+
+def export_onnx(model, output, opset=None, metadata=None):
+    """Write the pipeline of model (eval mode, CPU) to output with a dynamic batch dimension."""
+    # Batch 2, not 1: torch.export specialises example sizes 0 and 1, which would freeze the batch dimension.
+    example = torch.rand(2, 3, *model.size)
+    # onnx_ir warns about every empty attribute list the exporter emits (dozens of lines, harmless).
+    logging.getLogger("onnx_ir._convenience").setLevel(logging.ERROR)
+    program = torch.onnx.export(
+        DetectionPipeline(model).eval(),
+        (example,),
+        input_names=INPUT_NAMES,
+        output_names=OUTPUT_NAMES,
+        opset_version=opset,
+        dynamo=True,
+        dynamic_shapes={"images": {0: torch.export.Dim("batch", min=1, max=1024)}},
+        custom_translation_table=onnx_translations(),
+        verbose=False,
+    )
+    program.model.metadata_props.update(metadata or {})
+    program.save(output, external_data=False)
+
+
+def load_check_batch(paths, size, count=3, seed=0):
+    """[B, 3, H, W] in [0, 1] at the model size: the given images resized as the model resizes them, or, without
+    paths, smooth random images (smooth so that the model's boxes are not all the same noise)."""
+    if not paths:
+        generator = torch.Generator().manual_seed(seed)
+        coarse = torch.rand(count, 3, 8, 8, generator=generator)
+        return F.interpolate(coarse, size=size, mode="bilinear", align_corners=False)
+    try:
+        images = [read_image(path).float().div(255) for path in paths]
+    except OSError as error:
+        raise UsageError(f"--check: cannot read an image: {error}") from None
+    return torch.cat([F.interpolate(image[None], size=size, mode="bilinear", align_corners=False) for image in images])
+
+
+def match_detections(reference, candidate):
+    """Greedy one-to-one matching of candidate detections to reference ones (same label, boxes and scores within
+    tolerance). Returns (matched count, largest box difference, largest score difference) over the matches."""
+    box_difference = (reference["boxes"][:, None] - candidate["boxes"][None]).abs().amax(dim=-1)
+    score_difference = (reference["scores"][:, None] - candidate["scores"][None]).abs()
+    compatible = (reference["labels"][:, None] == candidate["labels"][None]) & (box_difference <= BOX_TOLERANCE)
+    compatible &= score_difference <= SCORE_TOLERANCE
+    taken = torch.zeros(len(candidate["boxes"]), dtype=torch.bool)
+    worst_box, worst_score = 0.0, 0.0
+    for row in range(len(reference["boxes"])):
+        options = (compatible[row] & ~taken).nonzero().flatten()
+        if len(options):
+            best = options[box_difference[row, options].argmin()]
+            taken[best] = True
+            worst_box = max(worst_box, box_difference[row, best].item())
+            worst_score = max(worst_score, score_difference[row, best].item())
+    return int(taken.sum()), worst_box, worst_score
+
+
+def compare(references, output, batch):
+    """Run the ONNX file with onnxruntime on batch and compare with the PyTorch detections (one dict per image).
+
+    Prints one line per image; returns True when every image has the same detections in both.
+    """
+    onnxruntime = require("onnxruntime", "onnxruntime")
+    session = onnxruntime.InferenceSession(output, providers=["CPUExecutionProvider"])
+    start = time.time()
+    boxes, scores, labels, counts = session.run(OUTPUT_NAMES, {INPUT_NAMES[0]: batch.numpy()})
+    print(f"onnxruntime: {len(batch)} images in {(time.time() - start) * 1000:.0f} ms")
+    all_match = True
+    for index, reference in enumerate(references):
+        count = int(counts[index])
+        candidate = {"boxes": torch.from_numpy(boxes[index, :count]), "scores": torch.from_numpy(scores[index, :count]),
+                     "labels": torch.from_numpy(labels[index, :count])}
+        matched, worst_box, worst_score = match_detections(reference, candidate)
+        same = matched == len(reference["boxes"]) == count
+        all_match &= same
+        print(f"image {index}: PyTorch {len(reference['boxes'])} detections, ONNX {count}, matched {matched}; "
+              f"max |box diff| {worst_box:.1e} px, max |score diff| {worst_score:.1e} -> {'OK' if same else 'MISMATCH'}")
+    return all_match
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="model name; optional when the checkpoint names it")
+    parser.add_argument("--weights", required=True, help="checkpoint file or torchvision weights name")
+    parser.add_argument("--output", required=True, help="ONNX file to write")
+    parser.add_argument("--check", nargs="*", default=[], metavar="IMAGE",
+                        help="images to compare onnxruntime with PyTorch on (default: 3 synthetic images)")
+    parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    parser.add_argument("--score-thresh", type=float, default=None,
+                        help="score threshold baked into the graph (default: the model's, kept low for evaluation)")
+    return parser
+
+
+def main(args):
+    for module, package in (("onnx", "onnx"), ("onnxscript", "onnxscript"), ("onnxruntime", "onnxruntime")):
+        require(module, package)
+    model, model_name, class_names = load_detector(args.model, args.weights)
+    if args.score_thresh is not None:
+        model.score_thresh = args.score_thresh
+    batch = load_check_batch(args.check, model.size)
+    # The reference is the model's normal eval path (list in, per-image dicts out), so the check covers the whole
+    # exported pipeline, not detect() against itself.
+    with torch.inference_mode():
+        references = model(list(batch))
+
+    start = time.time()
+    export_onnx(model, args.output, args.opset, metadata={
+        "model": model_name, "weights": args.weights, "input_size": json.dumps(list(model.size)),
+        "score_thresh": str(model.score_thresh), "categories": json.dumps(class_names),
+    })
+    print(f"wrote {args.output} ({os.path.getsize(args.output) / 1e6:.1f} MB) in {time.time() - start:.0f} s")
+
+    if not compare(references, args.output, batch):
+        sys.exit(f"export.py: {args.output} does not reproduce the PyTorch detections (see above)")
+    print(f"{args.output} reproduces the PyTorch detections on {len(batch)} images")
+
+
+if __name__ == "__main__":
+    try:
+        main(get_args_parser().parse_args())
+    except (UsageError, models.WeightsError) as error:
+        sys.exit(f"export.py: {error}")

@@ -1,0 +1,201 @@
+"""From head outputs to detections: score threshold, per-class top-k, per-class NMS, best K per image.
+
+Same detections as torchvision's SSD.postprocess_detections, without its Python loop over the classes:
+the candidates of all images and classes are selected at once, and one NMS call per image handles all
+classes. Nothing here calls .item() on data. Under graph capture (torch.jit.trace, or torch.export for
+ONNX) NMS runs as the custom op ssd::nms_mask, a mask over dense [B, C, A] scores that export.py maps onto
+ONNX's NonMaxSuppression, so that the graph holds for any batch size.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.ops import nms
+
+from .box_coder import decode
+
+# Anchors whose best class logit is within log(score_thresh) - _LOGIT_MARGIN of their top logit get a
+# softmax; the margin only covers float rounding in the softmax, so no true candidate is ever skipped.
+_LOGIT_MARGIN = 1e-3
+
+
+def postprocess_detections(
+    bbox_regression: Tensor,
+    cls_logits: Tensor,
+    anchors: Tensor,
+    image_size: tuple[int, int],
+    score_thresh: float,
+    nms_thresh: float,
+    detections_per_img: int,
+    topk_candidates: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Detections padded to K = detections_per_img per image.
+
+    bbox_regression [B, A, 4], cls_logits [B, A, C] (class 0 is background), anchors [A, 4] XYXY in the
+    image_size (H, W) frame. Returns boxes [B, K, 4] (same frame, clipped), scores [B, K], labels [B, K]
+    and valid [B, K]: each image's detections first, by decreasing score, then zeros.
+    """
+    num_images, num_anchors, num_classes = cls_logits.shape
+    capturing = torch.jit.is_tracing() or torch.compiler.is_compiling()
+    image_idx, anchor_idx, labels, scores = select_candidates(cls_logits, score_thresh, topk_candidates)
+    # By image, then by decreasing score; equal scores keep the candidates' order.
+    order = _stable_argsort(scores, descending=True, capturing=capturing)
+    order = order[_stable_argsort(image_idx[order], descending=False, capturing=capturing)]
+    image_idx, anchor_idx, labels, scores = image_idx[order], anchor_idx[order], labels[order], scores[order]
+
+    deltas = bbox_regression.reshape(-1, 4).index_select(0, image_idx * num_anchors + anchor_idx)
+    boxes = _clip(decode(deltas, anchors.index_select(0, anchor_idx)), image_size)
+    if capturing:
+        # A captured graph cannot branch on data (the NMS prefix loop): the batch goes through ssd::nms_mask.
+        dense_scores = scores.new_zeros((num_images, num_classes, num_anchors))
+        dense_scores = dense_scores.index_put((image_idx, labels, anchor_idx), scores)
+        all_boxes = _clip(decode(bbox_regression, anchors), image_size)
+        kept = torch.ops.ssd.nms_mask(all_boxes, dense_scores, nms_thresh, detections_per_img)
+        keep = torch.where(kept[image_idx, labels, anchor_idx])[0]
+    else:
+        keep = first_kept_per_image(boxes, scores, labels * (max(image_size) + 1.0), image_idx, num_images,
+                                    nms_thresh, detections_per_img)
+    return _to_slots(keep, image_idx, (boxes, scores, labels), num_images, detections_per_img)
+
+
+@torch.library.custom_op("ssd::nms_mask", mutates_args=())
+def nms_mask(boxes: Tensor, scores: Tensor, iou_threshold: float, max_kept: int) -> Tensor:
+    """Per-image, per-class greedy NMS of boxes [B, A, 4] scored by scores [B, C, A] (0: not a candidate),
+    as a [B, C, A] mask of the kept ones. Only each image's best max_kept survivors are marked (no other
+    can make its top max_kept); an exported graph may mark them all."""
+    image_idx, labels, anchor_idx = torch.where(scores > 0)  # (image, class, anchor) order
+    candidate_scores = scores[image_idx, labels, anchor_idx]
+    order = candidate_scores.sort(descending=True, stable=True).indices
+    order = order[image_idx[order].sort(stable=True).indices]
+    image_idx, labels, anchor_idx = image_idx[order], labels[order], anchor_idx[order]
+    class_offset = boxes.amax() - boxes.amin() + 1  # wider than any box: classes cannot overlap
+    keep = first_kept_per_image(boxes[image_idx, anchor_idx], candidate_scores[order], labels * class_offset,
+                                image_idx, scores.shape[0], iou_threshold, max_kept)
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    mask[image_idx[keep], labels[keep], anchor_idx[keep]] = True
+    return mask
+
+
+@nms_mask.register_fake
+def _(boxes: Tensor, scores: Tensor, iou_threshold: float, max_kept: int) -> Tensor:
+    return torch.empty_like(scores, dtype=torch.bool)
+
+
+def _stable_argsort(values: Tensor, descending: bool, capturing: bool) -> Tensor:
+    if capturing:
+        # ONNX has no stable sort, but its TopK, which an exported sort becomes, orders ties by index.
+        return values.sort(descending=descending).indices
+    return values.sort(descending=descending, stable=True).indices
+
+
+def _clip(boxes: Tensor, image_size: tuple[int, int]) -> Tensor:
+    height, width = image_size
+    x1, y1, x2, y2 = boxes.unbind(-1)
+    return torch.stack((x1.clamp(0, width), y1.clamp(0, height), x2.clamp(0, width), y2.clamp(0, height)), -1)
+
+
+def _to_slots(keep: Tensor, image_idx: Tensor, columns, num_images: int, slots: int):
+    """Scatter the first `slots` kept detections of each image (keep: grouped by image, best first) into
+    zero-padded [B, slots] tensors, plus the mask of filled slots."""
+    image_of_keep = image_idx[keep]
+    kept_per_image = _count(image_of_keep, num_images)
+    first_of_image = kept_per_image.cumsum(0) - kept_per_image
+    slot = torch.arange(keep.shape[0], device=keep.device) - first_of_image[image_of_keep]
+    inside = slot < slots
+    keep, image_of_keep, slot = keep[inside], image_of_keep[inside], slot[inside]
+    padded = []
+    for values in (*(column[keep] for column in columns), torch.ones_like(keep, dtype=torch.bool)):
+        out = values.new_zeros((num_images, slots) + values.shape[1:])
+        out[image_of_keep, slot] = values
+        padded.append(out)
+    return tuple(padded)
+
+
+def select_candidates(cls_logits: Tensor, score_thresh: float, topk: int):
+    """(image index, anchor index, label, score) of every class score above score_thresh, keeping the topk
+    best anchors of each image and class. Class 0 (background) never yields a candidate."""
+    num_images, num_anchors, num_classes = cls_logits.shape
+    # softmax_c <= exp(logit_c - top logit), so an anchor whose foreground logits all sit far below its top
+    # logit cannot pass the threshold: only the other anchors (few, once a model is trained) get a softmax.
+    # Comparing with the background logit suffices, as log_thresh < 0 whenever anything can pass.
+    log_thresh = math.log(score_thresh) if score_thresh > 0 else -math.inf
+    gap = cls_logits[..., 1:].amax(dim=-1) - cls_logits[..., 0]
+    rows = torch.where(gap.flatten() >= log_thresh - _LOGIT_MARGIN)[0]  # image * A + anchor, ascending
+    probs = F.softmax(cls_logits.reshape(-1, num_classes).index_select(0, rows), dim=-1)  # [R, C]
+    row_image = rows // num_anchors
+
+    row, label = torch.where(probs > score_thresh)
+    foreground = label > 0
+    row, label = row[foreground], label[foreground]
+    # Groups (image, label) with more than topk candidates get their topk best from a dense topk instead.
+    group = row_image[row] * num_classes + label
+    group_size = _count(group, num_images * num_classes)
+    uncrowded = group_size[group] <= topk
+    row, label = row[uncrowded], label[uncrowded]
+    crowded = torch.where(group_size > topk)[0]
+    crowded_image, crowded_label = crowded // num_classes, crowded % num_classes
+    rows_per_image = _count(row_image, num_images)
+    first_row = rows_per_image.cumsum(0) - rows_per_image
+    top_rows = _top_rows(probs, crowded_label, first_row[crowded_image], rows_per_image[crowded_image],
+                         num_anchors, topk)
+
+    row = torch.cat((row, top_rows.flatten()))
+    label = torch.cat((label, crowded_label[:, None].expand_as(top_rows).flatten()))
+    scores = probs.flatten().index_select(0, row * num_classes + label)
+    return row_image[row], rows[row] % num_anchors, label, scores
+
+
+def _count(values: Tensor, size: int) -> Tensor:
+    """bincount with a fixed length (a shape that graph capture can rely on)."""
+    return torch.zeros(size, dtype=torch.int64, device=values.device).index_add_(0, values, torch.ones_like(values))
+
+
+def _top_rows(probs: Tensor, labels: Tensor, first_row: Tensor, num_rows: Tensor, num_anchors: int, topk: int):
+    """[G, topk] rows of probs [R, C] with the best scores for G groups: labels[g] over the image rows
+    first_row[g] ... first_row[g] + num_rows[g] - 1.
+
+    Each group's scores are padded to the number of anchors (a shape, not data, so that traces stay
+    valid). Only used for groups with more than topk candidates: few once a model is trained.
+    """
+    offsets = torch.arange(num_anchors, device=probs.device)
+    inside = offsets < num_rows[:, None]  # [G, A]
+    rows = torch.where(inside, first_row[:, None] + offsets, 0)
+    columns = torch.where(inside, probs[rows, labels[:, None]], -1.0)
+    return first_row[:, None] + columns.topk(min(topk, num_anchors), dim=1).indices
+
+
+def first_kept_per_image(boxes: Tensor, scores: Tensor, class_offsets: Tensor, image_idx: Tensor, num_images: int,
+                         iou_thresh: float, max_kept: int) -> Tensor:
+    """Indices of the first max_kept boxes of each image that per-class greedy NMS keeps, for candidates
+    sorted by image, then by decreasing score; class_offsets [N] moves each class to its own region.
+
+    One NMS call per image: a call costs about (number of boxes) * (number kept), so splitting by image
+    keeps it linear in the batch size.
+    """
+    return torch.cat([
+        candidates[_first_kept(boxes[candidates], scores[candidates], class_offsets[candidates], iou_thresh, max_kept)]
+        for candidates in (torch.where(image_idx == image)[0] for image in range(num_images))
+    ])
+
+
+def _first_kept(boxes: Tensor, scores: Tensor, class_offsets: Tensor, iou_thresh: float, max_kept: int) -> Tensor:
+    """Positions of the first max_kept boxes that per-class greedy NMS keeps, for boxes sorted by
+    decreasing score.
+
+    Greedy NMS decides each box from higher-scored boxes only, so NMS on the best n boxes gives the final
+    decisions for those n: start with 3 * max_kept boxes and widen while too few survive (this saves most
+    of the work when thousands of candidates pass the score threshold). Coordinates are moved in float64,
+    where the offsets are exact (in float32 they would round, which can flip decisions next to the
+    threshold).
+    """
+    moved = boxes.double() + class_offsets.double()[:, None]
+    scores = scores.double()
+    total = scores.shape[0]
+    n = min(total, 3 * max_kept)
+    while True:
+        kept = nms(moved[:n], scores[:n], iou_thresh)
+        if n == total or kept.shape[0] >= max_kept:
+            return kept.sort().values[:max_kept]
+        # The share kept so far predicts how many boxes yield max_kept survivors; aim 25% above that.
+        n = min(total, math.ceil(1.25 * max_kept * n / kept.shape[0]))

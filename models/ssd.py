@@ -1,0 +1,369 @@
+"""SSD (Liu et al., 2016): the meta-architecture, its heads, and SSD300 with a VGG16 backbone.
+
+Behaves like torchvision's SSD / ssd300_vgg16 (same state_dict, same losses and detections).
+"""
+import math
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn, Tensor
+
+from .anchors import DefaultBoxes
+from .box_coder import encode, match_anchors
+from .postprocess import postprocess_detections
+from .transform import (
+    batch_targets, check_images, check_targets, find_bad_box, normalize_and_resize, scale_boxes,
+)
+from .weights import WeightsError, load_model_state, load_weights
+
+# Options of SSD.__init__ that the builders accept as keyword arguments.
+SSD_OPTIONS = (
+    "score_thresh", "nms_thresh", "detections_per_img", "topk_candidates", "iou_thresh", "positive_fraction",
+    "image_mean", "image_std",
+)
+
+
+class SSD(nn.Module):
+    """Single-shot detector: backbone feature maps -> per-anchor class logits and box regression.
+
+    Call with a list of float [3, H, W] images in [0, 1] of any sizes (resized to `size`). Training mode
+    needs targets (dicts with "boxes" [N, 4] XYXY pixels and "labels" int64 [N]) and returns the losses
+    {"bbox_regression", "classification"}; eval mode returns one {"boxes", "scores", "labels"} per image,
+    boxes in the image's own pixels.
+
+    For export, `preprocess` (images -> normalised batch) and `detect` (batch -> padded detections) are
+    the two tensor-only halves of the eval forward.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        head: nn.Module,
+        anchor_generator: DefaultBoxes,
+        size: tuple[int, int],
+        num_classes: int,
+        image_mean: list[float],
+        image_std: list[float],
+        score_thresh: float = 0.01,
+        nms_thresh: float = 0.45,
+        detections_per_img: int = 200,
+        iou_thresh: float = 0.5,
+        topk_candidates: int = 400,
+        positive_fraction: float = 0.25,
+    ):
+        super().__init__()
+        if not 0 < positive_fraction <= 1:
+            raise ValueError(f"positive_fraction must be in (0, 1], got {positive_fraction}")
+        if len(image_mean) != 3 or len(image_std) != 3 or min(image_std) <= 0:
+            raise ValueError(f"image_mean and image_std need 3 values (std > 0), got {image_mean} and {image_std}")
+        self.backbone = backbone
+        self.head = head
+        self.anchor_generator = anchor_generator
+        self.size = tuple(size)  # (H, W) of the network input
+        self.num_classes = num_classes  # including background (0)
+        # Not persistent: the normalisation is part of the model's definition, not of its checkpoints.
+        self.register_buffer("image_mean", torch.tensor(image_mean, dtype=torch.float32), persistent=False)
+        self.register_buffer("image_std", torch.tensor(image_std, dtype=torch.float32), persistent=False)
+        self.score_thresh = score_thresh
+        self.nms_thresh = nms_thresh
+        self.detections_per_img = detections_per_img
+        self.topk_candidates = topk_candidates
+        self.iou_thresh = iou_thresh
+        # Hard negative mining keeps (1 - p) / p negatives per positive: 3 for the paper's p = 0.25.
+        self.neg_to_pos_ratio = (1.0 - positive_fraction) / positive_fraction
+
+    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None):
+        batch, original_sizes = self.preprocess(images)
+        if self.training:
+            check_targets(targets, len(images))
+            return self.compute_loss(*self._head_outputs(batch), *self._batch_targets(targets, original_sizes))
+
+        boxes, scores, labels, valid = self.detect(batch)
+        boxes = scale_boxes(boxes, self.size, original_sizes)
+        return [
+            {"boxes": image_boxes[:count], "scores": image_scores[:count], "labels": image_labels[:count]}
+            for image_boxes, image_scores, image_labels, count in zip(boxes, scores, labels, valid.sum(1).tolist())
+        ]
+
+    def preprocess(self, images: list[Tensor]) -> tuple[Tensor, list[tuple[int, int]]]:
+        """Normalised [B, 3, H, W] batch at self.size, and the (H, W) of each original image."""
+        check_images(images)
+        original_sizes = [tuple(image.shape[-2:]) for image in images]
+        mean, std = self.image_mean.to(images[0]), self.image_std.to(images[0])
+        return normalize_and_resize(images, mean, std, self.size), original_sizes
+
+    def detect(self, batch: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Detections for a preprocessed batch, padded to K = detections_per_img per image: boxes [B, K, 4]
+        (XYXY pixels of the resized input), scores [B, K], labels [B, K] and valid [B, K] (a prefix)."""
+        if not torch.jit.is_tracing() and (batch.dim() != 4 or tuple(batch.shape[1:]) != (3, *self.size)):
+            raise ValueError(f"detect expects a [B, 3, {self.size[0]}, {self.size[1]}] batch, got {list(batch.shape)}")
+        head_outputs, anchors = self._head_outputs(batch)
+        return postprocess_detections(
+            head_outputs["bbox_regression"], head_outputs["cls_logits"], anchors, self.size,
+            self.score_thresh, self.nms_thresh, self.detections_per_img, self.topk_candidates,
+        )
+
+    def _head_outputs(self, batch: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        features = self.backbone(batch)
+        anchors = self.anchor_generator(
+            [feature.shape[-2:] for feature in features], self.size, features[0].dtype, batch.device
+        )
+        return self.head(features), anchors
+
+    def _batch_targets(self, targets, original_sizes) -> tuple[Tensor, Tensor, Tensor]:
+        """Targets padded into [B, M] tensors, boxes moved to the resized input."""
+        boxes, labels, valid = batch_targets(targets)
+        boxes = scale_boxes(boxes, original_sizes, self.size)
+        bad = find_bad_box(boxes, labels, valid, self.num_classes)
+        if bad is not None:
+            image, index = bad
+            raise ValueError(
+                f"target {image}: box {index} {targets[image]['boxes'][index].tolist()} with label "
+                f"{int(targets[image]['labels'][index])} is invalid: boxes need x2 > x1 and y2 > y1 (after "
+                f"resizing to {self.size}) and labels need 0 <= label < num_classes = {self.num_classes}"
+            )
+        return boxes, labels, valid
+
+    def compute_loss(self, head_outputs, anchors, gt_boxes, gt_labels, gt_valid) -> dict[str, Tensor]:
+        """Smooth L1 box loss on matched anchors plus softmax cross-entropy on the matched anchors and the
+        hardest negatives (neg_to_pos_ratio per positive, per image), both divided by the number of matched
+        anchors in the batch. gt_* are padded [B, M] targets in the resized frame."""
+        bbox_regression, cls_logits = head_outputs["bbox_regression"], head_outputs["cls_logits"]
+        matches = match_anchors(gt_boxes, gt_valid, anchors, self.iou_thresh)  # [B, A]
+        foreground = matches >= 0
+        num_foreground = foreground.sum().clamp(min=1)
+
+        image_idx, anchor_idx = torch.where(foreground)
+        matched_boxes = gt_boxes[image_idx, matches[image_idx, anchor_idx]]
+        bbox_loss = F.smooth_l1_loss(
+            bbox_regression[image_idx, anchor_idx], encode(matched_boxes, anchors[anchor_idx]), reduction="sum"
+        )
+
+        cls_targets = torch.where(foreground, gt_labels.gather(1, matches.clamp(min=0)), 0)
+        cls_loss = F.cross_entropy(cls_logits.flatten(0, 1), cls_targets.flatten(), reduction="none")
+        cls_loss = cls_loss.view_as(cls_targets)
+        positive = cls_targets > 0
+        # Hard negative mining: rank each image's anchors by loss, positives last, and keep the first
+        # neg_to_pos_ratio * #positives. (With few negatives positives can be picked again, as in torchvision.)
+        num_negative = self.neg_to_pos_ratio * positive.sum(dim=1, keepdim=True)
+        order = torch.where(positive, -math.inf, cls_loss.detach()).argsort(dim=1, descending=True)
+        positions = torch.arange(order.shape[1], device=order.device).expand_as(order)
+        rank = torch.empty_like(order).scatter_(1, order, positions)
+        hard_negative = rank < num_negative
+        cls_sum = torch.where(positive, cls_loss, 0).sum() + torch.where(hard_negative, cls_loss, 0).sum()
+        return {"bbox_regression": bbox_loss / num_foreground, "classification": cls_sum / num_foreground}
+
+
+class ScoringHead(nn.Module):
+    """One predictor per feature map; outputs [B, sum over maps of H * W * A, num_columns], in the order of
+    the default boxes (map -> row -> column -> anchor)."""
+
+    def __init__(self, predictors: list[nn.Module], num_columns: int):
+        super().__init__()
+        self.module_list = nn.ModuleList(predictors)
+        self.num_columns = num_columns
+
+    def forward(self, features: list[Tensor]) -> Tensor:
+        outputs = []
+        for predictor, feature in zip(self.module_list, features):
+            out = predictor(feature)
+            batch, _, height, width = out.shape
+            # (B, A * K, H, W) -> (B, H, W, A, K) -> (B, H * W * A, K)
+            out = out.view(batch, -1, self.num_columns, height, width).permute(0, 3, 4, 1, 2)
+            outputs.append(out.reshape(batch, -1, self.num_columns))
+        return torch.cat(outputs, dim=1)
+
+
+class SSDHead(nn.Module):
+    """Class logits and box regression for every anchor. make_predictor(in_channels, out_channels) builds
+    the per-map layers: a 3x3 convolution for SSD300, a depthwise-separable block for SSDlite."""
+
+    def __init__(self, in_channels: list[int], num_anchors: list[int], num_classes: int, make_predictor=None):
+        super().__init__()
+        make_predictor = make_predictor or _conv3x3_predictor
+        self.classification_head = ScoringHead(
+            [make_predictor(c, num_classes * a) for c, a in zip(in_channels, num_anchors)], num_classes
+        )
+        self.regression_head = ScoringHead([make_predictor(c, 4 * a) for c, a in zip(in_channels, num_anchors)], 4)
+
+    def forward(self, features: list[Tensor]) -> dict[str, Tensor]:
+        return {"bbox_regression": self.regression_head(features), "cls_logits": self.classification_head(features)}
+
+
+def _conv3x3_predictor(in_channels: int, out_channels: int) -> nn.Conv2d:
+    return xavier_init(nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1))
+
+
+def xavier_init(module: nn.Module) -> nn.Module:
+    for layer in module.modules():
+        if isinstance(layer, nn.Conv2d):
+            nn.init.xavier_uniform_(layer.weight)
+            nn.init.zeros_(layer.bias)
+    return module
+
+
+# torchvision's VGG16 configuration "D": conv widths, "M" = 2x2 max pooling.
+VGG16_LAYOUT = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
+# features index of the first layer of each stage (conv1_1, conv2_1, ..., conv5_1), for freezing.
+VGG16_STAGE_STARTS = [0, 4, 9, 16, 23]
+
+
+def vgg16_features() -> nn.Sequential:
+    """torchvision's vgg16().features (same layer indices, so VGG16 checkpoints load as they are), without
+    building the 120M-parameter classifier that SSD drops anyway."""
+    layers, in_channels = [], 3
+    for width in VGG16_LAYOUT:
+        if width == "M":
+            layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+            continue
+        conv = nn.Conv2d(in_channels, width, kernel_size=3, padding=1)
+        nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+        nn.init.zeros_(conv.bias)
+        layers += [conv, nn.ReLU(inplace=True)]
+        in_channels = width
+    return nn.Sequential(*layers)
+
+
+def _downsample_block(in_channels: int, mid_channels: int, out_channels: int, **conv_args) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_channels, mid_channels, kernel_size=1),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(mid_channels, out_channels, kernel_size=3, **conv_args),
+        nn.ReLU(inplace=True),
+    )
+
+
+class VGG16Extractor(nn.Module):
+    """The six SSD300 feature maps (38, 19, 10, 5, 3, 1 cells for a 300 x 300 input; channels 512, 1024,
+    512, 256, 256, 256) from VGG16 conv4_3 (L2-normalised with a learned per-channel scale), fc7 (as
+    dilated convolutions) and four extra blocks."""
+
+    def __init__(self, vgg_features: nn.Sequential):
+        super().__init__()
+        # Ceil mode in pool3 gives 38 x 38 conv4_3 maps for a 300 px input (floor would give 37), as in the paper.
+        vgg_features[16].ceil_mode = True
+        self.scale_weight = nn.Parameter(torch.full((512,), 20.0))
+        self.features = vgg_features[:23]  # conv1_1 ... conv4_3 + ReLU
+        fc = xavier_init(nn.Sequential(
+            nn.MaxPool2d(kernel_size=3, stride=1, padding=1),  # pool5, stride 1 to keep 19 x 19
+            nn.Conv2d(512, 1024, kernel_size=3, padding=6, dilation=6),  # fc6, atrous
+            nn.ReLU(inplace=True),
+            nn.Conv2d(1024, 1024, kernel_size=1),  # fc7
+            nn.ReLU(inplace=True),
+        ))
+        self.extra = nn.ModuleList([
+            nn.Sequential(*vgg_features[23:-1], fc),  # pool4, conv5_x (pool5 replaced), fc6, fc7
+            xavier_init(_downsample_block(1024, 256, 512, padding=1, stride=2)),  # conv8_2
+            xavier_init(_downsample_block(512, 128, 256, padding=1, stride=2)),  # conv9_2
+            xavier_init(_downsample_block(256, 128, 256)),  # conv10_2
+            xavier_init(_downsample_block(256, 128, 256)),  # conv11_2
+        ])
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        x = self.features(x)
+        outputs = [self.scale_weight.view(1, -1, 1, 1) * F.normalize(x)]
+        for block in self.extra:
+            x = block(x)
+            outputs.append(x)
+        return outputs
+
+
+def check_options(model_name: str, options: dict) -> None:
+    unknown = sorted(set(options) - set(SSD_OPTIONS))
+    if unknown:
+        raise ValueError(f"{model_name}: unknown option(s) {', '.join(unknown)}; valid: {', '.join(SSD_OPTIONS)}")
+
+
+def resolve_trainable_layers(pretrained: bool, trainable_layers: int | None, max_value: int, default: int) -> int:
+    """torchvision's rule: without any pretrained weights everything trains (a given value only warns);
+    otherwise the default freezes the first stages."""
+    if not pretrained:
+        if trainable_layers is not None:
+            warnings.warn(
+                "Changing trainable_backbone_layers has no effect if neither pretrained weights nor pretrained "
+                f"backbone weights are given, falling back to trainable_backbone_layers={max_value} so that all "
+                "layers are trainable"
+            )
+        return max_value
+    if trainable_layers is None:
+        return default
+    if not 0 <= trainable_layers <= max_value:
+        raise ValueError(f"trainable_backbone_layers must be in [0, {max_value}], got {trainable_layers}")
+    return trainable_layers
+
+
+def freeze_stages(layers: nn.Sequential, stage_starts: list[int], trainable_stages: int) -> None:
+    """Freeze all but the last trainable_stages stages of layers (stage i starts at layers[stage_starts[i]])."""
+    first_trainable = len(layers) if trainable_stages == 0 else stage_starts[len(stage_starts) - trainable_stages]
+    for layer in layers[:first_trainable]:
+        layer.requires_grad_(False)
+
+
+def model_weights(weights, torchvision_model: str, num_classes: int | None, class_key: str, anchors_per_cell: int):
+    """(state_dict, source, num_classes) for builder weights=...; state_dict is None without weights.
+    A local file without num_classes gives num_classes from its classification layer class_key."""
+    if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 2):
+        raise ValueError(f"num_classes must be an integer >= 2 (background included), got {num_classes}")
+    if weights is None:
+        return None, None, num_classes or 91
+    state_dict, source, trained_classes = load_weights(weights, torchvision_model)
+    if trained_classes is not None:
+        if num_classes not in (None, trained_classes):
+            raise WeightsError(f"{source} predicts {trained_classes} classes, num_classes={num_classes} does not fit")
+        return state_dict, source, trained_classes
+    if num_classes is None:
+        if class_key not in state_dict:
+            raise WeightsError(f"{source} has no {class_key} to read num_classes from")
+        num_classes = state_dict[class_key].shape[0] // anchors_per_cell
+    return state_dict, source, num_classes
+
+
+def ssd300_vgg16(
+    *, weights=None, weights_backbone=None, num_classes=None, trainable_backbone_layers=None, **options
+) -> SSD:
+    """SSD300 with a VGG16 backbone, as torchvision's ssd300_vgg16.
+
+    weights: "SSD300_VGG16_Weights.COCO_V1" (or the enum member) or a local checkpoint file; it replaces
+    weights_backbone ("VGG16_Weights.IMAGENET1K_FEATURES" or a local VGG16 state_dict file). options: see
+    SSD_OPTIONS.
+    """
+    check_options("ssd300_vgg16", options)
+    aspect_ratios = [[2], [2, 3], [2, 3], [2, 3], [2], [2]]
+    anchor_generator = DefaultBoxes(
+        aspect_ratios, scales=[0.07, 0.15, 0.33, 0.51, 0.69, 0.87, 1.05], steps=[8, 16, 32, 64, 100, 300]
+    )
+    num_anchors = anchor_generator.num_anchors_per_location()
+    state_dict, source, num_classes = model_weights(
+        weights, "ssd300_vgg16", num_classes, "head.classification_head.module_list.0.weight", num_anchors[0]
+    )
+    if state_dict is not None:
+        weights_backbone = None
+    trainable_layers = resolve_trainable_layers(
+        state_dict is not None or weights_backbone is not None, trainable_backbone_layers, 5, 4
+    )
+
+    vgg = vgg16_features()
+    if weights_backbone is not None:
+        vgg_state, vgg_source, _ = load_weights(weights_backbone, "vgg16")
+        # VGG16 checkpoints hold the whole classifier network; SSD only uses its convolutions.
+        features = {key[len("features."):]: value for key, value in vgg_state.items() if key.startswith("features.")}
+        load_model_state(vgg, features, f"{vgg_source} (features.*)")
+    freeze_stages(vgg, VGG16_STAGE_STARTS, trainable_layers)
+
+    model = SSD(
+        VGG16Extractor(vgg),
+        SSDHead([512, 1024, 512, 256, 256, 256], num_anchors, num_classes),
+        anchor_generator,
+        size=(300, 300),
+        num_classes=num_classes,
+        **{
+            # Caffe-style input: 0-255 RGB minus the ImageNet mean, as the VGG16 features were trained with.
+            "image_mean": [0.48235, 0.45882, 0.40784],
+            "image_std": [1.0 / 255.0, 1.0 / 255.0, 1.0 / 255.0],
+            **options,
+        },
+    )
+    if state_dict is not None:
+        load_model_state(model, state_dict, source)
+    return model

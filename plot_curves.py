@@ -1,0 +1,93 @@
+"""Draw a training run's curves from its log.jsonl: loss terms and lr per epoch, COCO AP/AP50 per evaluated epoch.
+
+    python plot_curves.py OUTPUT_DIR/log.jsonl -o curves.png
+
+train.py calls plot_curves() after every epoch, so the picture of a running job is always current.
+"""
+import argparse
+import json
+import os
+import sys
+
+# The object-oriented Figure API renders with Agg without touching pyplot's global state: no display is needed
+# and a training process that imports this module keeps whatever backend it had.
+from matplotlib.figure import Figure
+
+REQUIRED_KEYS = {"epoch", "lr", "train"}
+
+
+def read_log(log_path):
+    """One record per epoch, in epoch order.
+
+    A line that is not valid JSON (the tail torn by a crash mid-write) is skipped with a warning. When an epoch
+    appears twice (a run resumed from an older checkpoint), the later record wins.
+    """
+    records = {}
+    with open(log_path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                print(f"{log_path}:{line_number}: skipping a line that is not complete JSON", file=sys.stderr)
+                continue
+            if not isinstance(record, dict) or not REQUIRED_KEYS <= record.keys():
+                raise ValueError(f"{log_path}:{line_number}: not an epoch record (needs {', '.join(sorted(REQUIRED_KEYS))})")
+            records[record["epoch"]] = record
+    return [records[epoch] for epoch in sorted(records)]
+
+
+def plot_curves(log_path, output_path):
+    """Write a PNG with three panels (training losses, learning rate, COCO AP) drawn from log_path."""
+    records = read_log(log_path)
+    if not records:
+        raise ValueError(f"{log_path}: no complete epoch record to plot")
+    epochs = [r["epoch"] for r in records]
+
+    figure = Figure(figsize=(15, 4.5), layout="constrained")
+    loss_axes, lr_axes, ap_axes = figure.subplots(1, 3, sharex=True)
+
+    for term in records[-1]["train"]:
+        loss_axes.plot(epochs, [r["train"].get(term, float("nan")) for r in records], marker="o", label=term)
+    loss_axes.set(title="training loss", xlabel="epoch")
+    loss_axes.legend()
+
+    lr_axes.plot(epochs, [r["lr"] for r in records], marker="o")
+    lr_axes.set(title="learning rate", xlabel="epoch")
+
+    evaluated = [r for r in records if "coco" in r]
+    for metric in ("AP", "AP50"):
+        ap_axes.plot([r["epoch"] for r in evaluated], [r["coco"][metric] for r in evaluated], marker="o", label=metric)
+    ap_axes.set(title="COCO bbox AP (val)", xlabel="epoch", ylim=(0, 1))
+    if evaluated:
+        ap_axes.legend()
+    else:
+        ap_axes.text(0.5, 0.5, "no evaluated epoch yet", ha="center", va="center", transform=ap_axes.transAxes)
+
+    for axes in (loss_axes, lr_axes, ap_axes):
+        axes.grid(alpha=0.3)
+        # Epochs are whole numbers; without this a 2-epoch run gets ticks at 0.25, 0.5, ...
+        axes.xaxis.get_major_locator().set_params(integer=True)
+
+    # Rename into place so that someone watching the file never opens a half-written picture.
+    temporary_path = f"{output_path}.tmp"
+    figure.savefig(temporary_path, format="png", dpi=100)
+    os.replace(temporary_path, output_path)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("log", help="a log.jsonl written by train.py")
+    parser.add_argument("-o", "--output", default=None, help="PNG to write (default: curves.png next to the log)")
+    args = parser.parse_args()
+    output = args.output or os.path.join(os.path.dirname(os.path.abspath(args.log)), "curves.png")
+    try:
+        plot_curves(args.log, output)
+    except (OSError, ValueError) as error:
+        sys.exit(f"plot_curves.py: {error}")
+    print(f"wrote {output}")
+
+
+if __name__ == "__main__":
+    main()

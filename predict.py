@@ -1,0 +1,260 @@
+"""Run a detector on images and save what it sees: one picture with boxes, class names and scores per image, and
+all detections of the run in one detections.json.
+
+    python predict.py --weights output/model_9.pth --output-dir predictions photos/ street.jpg
+    python predict.py --model ssdlite320_mobilenet_v3_large --weights SSDLite320_MobileNet_V3_Large_Weights.COCO_V1 \
+        --score-thresh 0.4 --output-dir predictions photos/
+
+Inputs are image files or folders (searched recursively). A picture keeps the input's path relative to its folder
+argument; names that would collide get a numeric suffix. Class names come from the training checkpoint (train.py
+stores the dataset's categories in it) or, for torchvision's COCO weights, from the weights' metadata.
+"""
+import argparse
+import colorsys
+import json
+import os
+import sys
+import time
+
+import matplotlib
+import torch
+import torchvision
+from PIL import Image, ImageOps
+from torchvision.transforms.functional import pil_to_tensor
+from torchvision.utils import draw_bounding_boxes
+
+import models
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+# matplotlib (a core requirement) ships DejaVu Sans: a scalable font that is always there, no download needed.
+FONT_PATH = os.path.join(matplotlib.get_data_path(), "fonts", "ttf", "DejaVuSans.ttf")
+
+
+class UsageError(Exception):
+    """Bad input from the user; main() prints the one-line message and exits."""
+
+
+# ------------------------------------------------------------------------------------------------- the model
+
+
+def read_weights_metadata(weights):
+    """(model name or None, {label: class name}) stored with the weights, without building anything."""
+    try:
+        weights_enum = torchvision.models.get_weight(weights)
+    except (ValueError, KeyError):
+        weights_enum = None
+    if weights_enum is None or os.path.exists(weights):
+        checkpoint = models.load_checkpoint_file(weights)  # a one-line WeightsError for a missing or bad file
+        if not isinstance(checkpoint.get("model"), dict):  # a plain state_dict: no metadata
+            return None, {}
+        saved_args = checkpoint.get("args") or {}
+        return saved_args.get("model"), {int(k): str(v) for k, v in (checkpoint.get("categories") or {}).items()}
+    # SSD300_VGG16_Weights -> ssd300_vgg16: torchvision names the enum after its builder.
+    model_name = type(weights_enum).__name__.lower().removesuffix("_weights")
+    return model_name, dict(enumerate(weights_enum.meta.get("categories") or []))
+
+
+def load_detector(model_name, weights, device="cpu"):
+    """Build the detector from a checkpoint file or a torchvision weights name.
+
+    model_name may be None when the weights say which model they belong to. Returns (model in eval mode on device,
+    model name, {label: class name}); labels without a name are shown as their number.
+    """
+    saved_model_name, class_names = read_weights_metadata(weights)
+    if model_name is None:
+        if saved_model_name is None:
+            raise UsageError(f"--model is required: --weights {weights} does not say which model it belongs to")
+        model_name = saved_model_name
+    elif saved_model_name is not None and saved_model_name != model_name:
+        raise UsageError(f"--model {model_name} does not match --weights {weights}, which belongs to {saved_model_name}")
+    model = models.get_model(model_name, weights=weights)
+    return model.eval().to(device), model_name, class_names
+
+
+# ------------------------------------------------------------------------------------------------ the inputs
+
+
+def find_images(inputs, output_dir):
+    """[(image path, path of its picture relative to output_dir)] in a stable order.
+
+    Folders are searched recursively (sorted) for known image extensions, skipping output_dir itself so that
+    predicting into a subfolder of an input does not read earlier pictures back. A file named explicitly is taken
+    whatever its extension.
+    """
+    output_dir = os.path.abspath(output_dir)
+    found, seen = [], set()
+    for item in inputs:
+        if os.path.isfile(item):
+            candidates = [(item, os.path.basename(item))]
+        elif os.path.isdir(item):
+            candidates = [(path, os.path.relpath(path, item)) for path in walk_images(item, skip=output_dir)]
+        else:
+            raise UsageError(f"input {item}: no such file or folder")
+        for path, relative in candidates:
+            if os.path.realpath(path) not in seen:
+                seen.add(os.path.realpath(path))
+                found.append((path, relative))
+    return list(zip([path for path, _ in found], unique_picture_names([relative for _, relative in found])))
+
+
+def walk_images(folder, skip):
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if os.path.abspath(os.path.join(root, d)) != skip)
+        for name in sorted(files):
+            if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+                yield os.path.join(root, name)
+
+
+def unique_picture_names(relative_paths):
+    """Picture names that mirror the inputs' relative paths: JPEG inputs stay JPEG, everything else becomes PNG
+    (lossless, and any mode can be written). a.jpg from two folders gives a.jpg and a_2.jpg."""
+    names, taken = [], set()
+    for relative in relative_paths:
+        stem, extension = os.path.splitext(relative)
+        extension = ".jpg" if extension.lower() in (".jpg", ".jpeg") else ".png"
+        name, number = stem + extension, 1
+        while name.casefold() in taken:  # casefold: a.JPG and a.jpg are one file on some file systems
+            number += 1
+            name = f"{stem}_{number}{extension}"
+        taken.add(name.casefold())
+        names.append(name)
+    return names
+
+
+def read_image(path):
+    """The image as a uint8 RGB tensor [3, H, W], upright as its EXIF orientation says (as viewers show it)."""
+    with Image.open(path) as image:
+        return pil_to_tensor(ImageOps.exif_transpose(image).convert("RGB"))
+
+
+# ----------------------------------------------------------------------------------------------- the outputs
+
+
+def class_color(label):
+    """A bright color per class; golden-ratio hue steps keep neighbouring labels far apart."""
+    red, green, blue = colorsys.hsv_to_rgb((label * 0.618034) % 1.0, 0.75, 1.0)
+    return round(red * 255), round(green * 255), round(blue * 255)
+
+
+def draw_detections(image, detections):
+    """image uint8 [3, H, W] with each detection's box and 'name score' label drawn on it."""
+    if not detections:
+        return image
+    longest_side = max(image.shape[1:])
+    font = FONT_PATH if os.path.isfile(FONT_PATH) else None
+    lowest_first = detections[::-1]  # drawn last, the best boxes and labels stay readable on top
+    return draw_bounding_boxes(
+        image,
+        torch.tensor([d["box"] for d in lowest_first]),
+        labels=[f"{d['name']} {d['score']:.2f}" for d in lowest_first],
+        colors=[class_color(d["label"]) for d in lowest_first],
+        width=max(2, round(longest_side / 300)),
+        font=font,
+        font_size=max(10, round(longest_side / 40)) if font else None,
+        fill_labels=True,
+    )
+
+
+def save_picture(image, path):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(image.permute(1, 2, 0).numpy()).save(path, quality=90)
+
+
+def detection_records(output, class_names):
+    return [
+        {"box": [round(v, 2) for v in box], "score": round(score, 4), "label": label, "name": class_names.get(label, str(label))}
+        for box, score, label in zip(output["boxes"].tolist(), output["scores"].tolist(), output["labels"].tolist())
+    ]
+
+
+# -------------------------------------------------------------------------------------------------- the run
+
+
+@torch.inference_mode()
+def detect(model, images, device):
+    """Per-image detections (on the CPU) for a list of uint8 images of any sizes."""
+    outputs = model([image.to(device).float().div_(255) for image in images])
+    return [{key: value.cpu() for key, value in output.items()} for output in outputs]
+
+
+def read_batches(images, batch_size):
+    """(up to batch_size (path, picture name, image), number of inputs consumed so far); an unreadable image is
+    reported and skipped."""
+    batch = []
+    for consumed, (path, picture_name) in enumerate(images, start=1):
+        try:
+            batch.append((path, picture_name, read_image(path)))
+        except (OSError, ValueError, Image.DecompressionBombError) as error:
+            print(f"skipping {path}: cannot read it as an image ({error})", file=sys.stderr)
+            continue
+        if len(batch) == batch_size:
+            yield batch, consumed
+            batch = []
+    if batch:
+        yield batch, len(images)
+
+
+def predict(model, class_names, images, output_dir, device="cpu", batch_size=8, print_freq=20):
+    """Detect on [(path, picture name)], write the pictures under output_dir, return the detections.json records."""
+    records, start, next_report = [], time.time(), print_freq
+    for batch, consumed in read_batches(images, batch_size):
+        outputs = detect(model, [image for _, _, image in batch], device)
+        for (path, picture_name, image), output in zip(batch, outputs):
+            detections = detection_records(output, class_names)
+            save_picture(draw_detections(image, detections), os.path.join(output_dir, picture_name))
+            records.append({"file": path, "picture": picture_name, "width": image.shape[2], "height": image.shape[1],
+                            "detections": detections})
+        if consumed >= next_report:
+            print(f"{consumed}/{len(images)} images, {len(records) / (time.time() - start):.1f} images/s", flush=True)
+            next_report = (consumed // print_freq + 1) * print_freq
+    return records
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files and/or folders (searched recursively)")
+    parser.add_argument("--model", default=None, help="model name; optional when the checkpoint names it")
+    parser.add_argument("--weights", required=True, help="checkpoint file (train.py's model_N.pth, a state_dict) or a torchvision weights name")
+    parser.add_argument("--output-dir", required=True, help="folder for the pictures and detections.json")
+    parser.add_argument("--score-thresh", type=float, default=0.5, help="keep detections scoring at least this")
+    parser.add_argument("--device", default="cpu", help="e.g. cpu, cuda, cuda:1")
+    parser.add_argument("-b", "--batch-size", type=int, default=8, help="images per forward pass")
+    parser.add_argument("--print-freq", type=int, default=20, help="print progress every N images")
+    return parser
+
+
+def validate_args(args):
+    if not 0.0 <= args.score_thresh <= 1.0:
+        raise UsageError(f"--score-thresh {args.score_thresh}: must be between 0 and 1")
+    if args.batch_size < 1 or args.print_freq < 1:
+        raise UsageError("--batch-size and --print-freq must be at least 1")
+    try:
+        torch.empty(0, device=args.device)
+    except (RuntimeError, AssertionError) as error:
+        raise UsageError(f"--device {args.device}: {str(error).splitlines()[0]}") from None
+
+
+def main(args):
+    validate_args(args)
+    images = find_images(args.inputs, args.output_dir)
+    if not images:
+        raise UsageError(f"no image found in {' '.join(args.inputs)} (extensions: {' '.join(sorted(IMAGE_EXTENSIONS))})")
+    model, model_name, class_names = load_detector(args.model, args.weights, args.device)
+    model.score_thresh = args.score_thresh
+    os.makedirs(args.output_dir, exist_ok=True)
+
+    records = predict(model, class_names, images, args.output_dir, args.device, args.batch_size, args.print_freq)
+    if not records:
+        raise UsageError(f"none of the {len(images)} input images could be read")
+    summary = {"model": model_name, "weights": args.weights, "score_thresh": args.score_thresh, "images": records}
+    with open(os.path.join(args.output_dir, "detections.json"), "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=1)
+    total = sum(len(record["detections"]) for record in records)
+    print(f"{total} detections in {len(records)} images; pictures and detections.json in {args.output_dir}")
+
+
+if __name__ == "__main__":
+    try:
+        main(get_args_parser().parse_args())
+    except (UsageError, models.WeightsError) as error:
+        sys.exit(f"predict.py: {error}")

@@ -1,0 +1,87 @@
+"""Training and evaluation transform presets, as in torchvision's detection references.
+
+Both presets take the dataset's PIL image and box target and return a float32 CHW image in [0, 1] with a target
+holding float32 XYXY "boxes" and int64 "labels". No resizing: the SSD models resize to their fixed input size.
+"""
+
+from collections import defaultdict
+
+import torch
+
+import transforms as reference_transforms
+
+POLICIES = ("hflip", "ssd", "ssdlite")
+BACKENDS = ("pil", "tensor", "tv_tensor")
+
+
+def _get_modules(use_v2):
+    if use_v2:
+        # Imported here so the v1 path never pays for (or warns about) transforms.v2.
+        import torchvision.transforms.v2
+        import torchvision.tv_tensors
+
+        return torchvision.transforms.v2, torchvision.tv_tensors
+    return reference_transforms, None
+
+
+def _check_backend(backend, use_v2):
+    if backend not in BACKENDS:
+        raise ValueError(f"Unknown backend {backend!r}; valid choices: {', '.join(BACKENDS)}")
+    if backend == "tv_tensor" and not use_v2:
+        raise ValueError("The tv_tensor backend needs the v2 transforms: use --use-v2 (use_v2=True)")
+
+
+def _pil_conversions(T, backend, use_v2):
+    """(transforms before the augmentation, transforms after it) turning the dataset's PIL image into a tensor:
+    the tensor backends convert first, the pil backend converts last. (The v1 transforms in transforms.py turn
+    a PIL image into a tensor as soon as they touch its pixels, so for them both backends give the same result.)"""
+    if backend == "pil":
+        return [], [T.ToImage() if use_v2 else T.PILToTensor()]
+    return [T.PILToTensor() if backend == "tensor" else T.ToImage()], []
+
+
+class DetectionPresetTrain:
+    def __init__(self, *, data_augmentation, hflip_prob=0.5, mean=(123.0, 117.0, 104.0), backend="pil", use_v2=False):
+        _check_backend(backend, use_v2)
+        if data_augmentation not in POLICIES:
+            raise ValueError(f"Unknown data augmentation policy {data_augmentation!r}; valid choices: {', '.join(POLICIES)}")
+        T, tv_tensors = _get_modules(use_v2)
+        before, after = _pil_conversions(T, backend, use_v2)
+
+        if data_augmentation == "hflip":
+            augment = [T.RandomHorizontalFlip(p=hflip_prob)]
+        elif data_augmentation == "ssd":
+            if use_v2:
+                zoom_and_crop = [T.RandomZoomOut(fill=defaultdict(lambda: mean, {tv_tensors.Mask: 0})), T.RandomIoUCrop()]
+            else:  # the same draws and result as RandomZoomOut then RandomIoUCrop, without the zoomed-out canvas
+                zoom_and_crop = [T.RandomZoomOutIoUCrop(T.RandomZoomOut(fill=list(mean)), T.RandomIoUCrop())]
+            augment = [T.RandomPhotometricDistort(), *zoom_and_crop, T.RandomHorizontalFlip(p=hflip_prob)]
+        else:  # ssdlite
+            augment = [T.RandomIoUCrop(), T.RandomHorizontalFlip(p=hflip_prob)]
+
+        transforms = before + augment + after + [T.ToDtype(torch.float, scale=True)]
+        if use_v2:
+            transforms += [
+                T.ConvertBoundingBoxFormat(tv_tensors.BoundingBoxFormat.XYXY),
+                T.SanitizeBoundingBoxes(),
+                T.ToPureTensor(),
+            ]
+        self.transforms = T.Compose(transforms)
+
+    def __call__(self, img, target):
+        return self.transforms(img, target)
+
+
+class DetectionPresetEval:
+    def __init__(self, backend="pil", use_v2=False):
+        _check_backend(backend, use_v2)
+        T, tv_tensors = _get_modules(use_v2)
+        before, after = _pil_conversions(T, backend, use_v2)
+        transforms = before + after + [T.ToDtype(torch.float, scale=True)]
+        if use_v2:
+            # The reference stops at ToPureTensor, which would hand back boxes in whatever format they came.
+            transforms += [T.ConvertBoundingBoxFormat(tv_tensors.BoundingBoxFormat.XYXY), T.ToPureTensor()]
+        self.transforms = T.Compose(transforms)
+
+    def __call__(self, img, target):
+        return self.transforms(img, target)

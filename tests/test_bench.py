@@ -1,0 +1,78 @@
+"""bench.py as a user runs it: a quick run's report is well-formed and its parity checks hold; bad flags fail in
+one line. No timing assertions: the figures depend on the machine."""
+import json
+import math
+
+import pytest
+
+from conftest import LITE, assert_ok, run_script
+
+SPEED_UNITS = ("img/s", "samples/s")
+TIME_UNITS = ("ms/batch", "s")
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    report = tmp_path_factory.mktemp("bench") / "bench.json"
+    # SSDlite only: SSD300's VGG16 would take minutes on 2 CPU cores even at the quick sizes.
+    result = run_script("bench.py", "--quick", "--model", LITE, "--json", report, timeout=300)
+    assert_ok(result)
+    return json.loads(report.read_text()), result.stdout
+
+
+def test_report_has_every_row_with_positive_figures_and_exact_ratios(quick_run):
+    report, _ = quick_run
+    assert {"date", "command", "machine", "sizes", "flags", "rows"} <= set(report)
+    assert report["machine"]["versions"]["torch"] and report["machine"]["cpu_count"] >= 1
+    assert "--quick" in report["command"] and report["flags"] == {"device": "cpu", "amp": False, "channels_last": False}
+    kinds = ["training step, batch 2", "training step, batch 3", "inference end to end, batch 1",
+             "inference end to end, batch 2", "post-processing, batch 2", "loss, batch 2",
+             "ssdlite policy, 0 workers", "ssdlite policy, 2 workers", "pycocotools", "faster-coco-eval"]
+    names = [row["name"] for row in report["rows"]]
+    assert len(names) == len(kinds) == len(set(names))
+    for kind, name in zip(kinds, names):
+        assert kind in name
+    for row in report["rows"]:
+        for key in ("ours", "torchvision", "ratio", "speedup"):
+            assert math.isfinite(row[key]) and row[key] > 0, row
+        assert row["unit"] in SPEED_UNITS + TIME_UNITS, row
+        assert row["ratio"] == pytest.approx(row["ours"] / row["torchvision"], rel=1e-12)
+        speedup = row["ratio"] if row["unit"] in SPEED_UNITS else 1 / row["ratio"]
+        assert row["speedup"] == pytest.approx(speedup, rel=1e-12)
+
+
+def test_both_sides_did_the_same_work(quick_run):
+    """The rows' own checks: identical detections, losses and COCO stats, and peaked (not random-init) scores."""
+    notes = {row["name"]: row["note"] for row in quick_run[0]["rows"]}
+    note_of = lambda kind: next(note for name, note in notes.items() if kind in name)  # noqa: E731
+    assert "same detections" in note_of("post-processing") and "WARNING" not in note_of("post-processing")
+    candidates = int(note_of("post-processing").split(" candidates/image")[0])
+    assert 1000 <= candidates <= 5000
+    assert note_of("loss") == "same losses"
+    assert "same 12 stats" in note_of("pycocotools")
+
+
+def test_table_lists_every_row(quick_run):
+    report, stdout = quick_run
+    lines = stdout.splitlines()
+    assert lines[0].startswith("# python") and "bench.py --quick" in lines[0]
+    header = next(i for i, line in enumerate(lines) if line.startswith("row "))
+    table = lines[header + 2:]
+    assert len(table) == len(report["rows"])
+    for line, row in zip(table, report["rows"]):
+        cells = [cell.strip() for cell in line.split("|")]
+        assert cells[0] == row["name"] and cells[3] == row["unit"]
+        assert float(cells[1]) == pytest.approx(row["ours"], rel=0.01)
+        assert float(cells[2]) == pytest.approx(row["torchvision"], rel=0.01)
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--repeats", "0"], "--repeats must be at least 1"),
+    (["--data-path", "/nonexistent/coco"], "--data-path: /nonexistent/coco: data folder not found"),
+])
+def test_bad_flags_fail_in_one_line(flags, fragment):
+    result = run_script("bench.py", "--quick", "--rows", "data", "--model", LITE, *flags, timeout=120)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and fragment in errors[0], result.stderr[-2000:]

@@ -1,0 +1,199 @@
+"""CocoEvaluator against hand-computed AP values and against plain pycocotools, for both backends."""
+import contextlib
+import io
+import json
+import re
+import sys
+
+import numpy as np
+import pytest
+import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from coco_eval import CocoEvaluator
+
+CATEGORY_IDS = [1, 5, 9]  # non-contiguous, like COCO's
+
+
+def write_gt(tmp_path, images, annotations):
+    """images: [(id, width, height)]; annotations: [(image_id, category_id, [x, y, w, h])] -> path of the json."""
+    gt = {
+        "images": [{"id": i, "width": w, "height": h, "file_name": f"{i}.png"} for i, w, h in images],
+        "annotations": [
+            {"id": n + 1, "image_id": i, "category_id": c, "bbox": box, "area": box[2] * box[3], "iscrowd": 0}
+            for n, (i, c, box) in enumerate(annotations)
+        ],
+        "categories": [{"id": c, "name": f"class{c}"} for c in CATEGORY_IDS],
+    }
+    path = tmp_path / "instances_val.json"
+    path.write_text(json.dumps(gt))
+    return path
+
+
+def load_gt(path):
+    with contextlib.redirect_stdout(io.StringIO()):
+        return COCO(str(path))
+
+
+def prediction(boxes_xyxy=(), scores=(), labels=()):
+    return {
+        "boxes": torch.tensor(boxes_xyxy, dtype=torch.float32).reshape(-1, 4),
+        "scores": torch.tensor(scores, dtype=torch.float32),
+        "labels": torch.tensor(labels, dtype=torch.int64),
+    }
+
+
+def jittered_fixture(tmp_path, num_images, detections_per_image, seed=0):
+    """A GT file with 1-4 objects of every size per image, and noisy detections: jittered copies of the objects
+    (some with the wrong class) plus random boxes. Returns (gt_path, {image_id: prediction})."""
+    rng = np.random.RandomState(seed)
+    images, annotations, predictions = [], [], {}
+    for image_id in range(1, num_images + 1):
+        width, height = rng.randint(200, 640, size=2)
+        images.append((image_id, int(width), int(height)))
+        gt_boxes = []
+        for _ in range(rng.randint(1, 5)):
+            w, h = np.exp(rng.uniform(np.log(8), np.log([0.6 * width, 0.6 * height])))
+            x, y = rng.uniform(0, width - w), rng.uniform(0, height - h)
+            box = [round(float(v), 2) for v in (x, y, w, h)]
+            annotations.append((image_id, int(rng.choice(CATEGORY_IDS)), box))
+            gt_boxes.append(annotations[-1])
+        boxes, scores, labels = [], [], []
+        for n in range(detections_per_image):
+            if n < 2 * len(gt_boxes):
+                _, category, (x, y, w, h) = gt_boxes[n % len(gt_boxes)]
+                x, y = x + rng.normal(0, 0.05 * w), y + rng.normal(0, 0.05 * h)
+                w, h = w * rng.uniform(0.85, 1.15), h * rng.uniform(0.85, 1.15)
+                if rng.rand() < 0.2:
+                    category = int(rng.choice(CATEGORY_IDS))
+                score = rng.uniform(0.3, 1.0)
+            else:
+                w, h = rng.uniform(4, width / 2), rng.uniform(4, height / 2)
+                x, y = rng.uniform(0, width - w), rng.uniform(0, height - h)
+                category = int(rng.choice(CATEGORY_IDS))
+                score = rng.uniform(0.05, 0.6)
+            boxes.append([x, y, x + w, y + h])
+            scores.append(score)
+            labels.append(category)
+        predictions[image_id] = prediction(boxes, scores, labels)
+    return write_gt(tmp_path, images, annotations), predictions
+
+
+def pycocotools_stats(gt_path, predictions):
+    """The classic flow, independently: XYXY -> XYWH as torchvision does, json-style results, COCOeval."""
+    results = []
+    for image_id, p in predictions.items():
+        x1, y1, x2, y2 = p["boxes"].unbind(1)
+        xywh = torch.stack((x1, y1, x2 - x1, y2 - y1), dim=1).tolist()
+        results += [{"image_id": image_id, "category_id": c, "bbox": b, "score": s}
+                    for b, s, c in zip(xywh, p["scores"].tolist(), p["labels"].tolist())]
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO(str(gt_path))
+        coco_eval = COCOeval(coco_gt, coco_gt.loadRes(results), iouType="bbox")
+        coco_eval.params.imgIds = sorted(predictions)
+        coco_eval.evaluate()
+        coco_eval.accumulate()
+        coco_eval.summarize()
+    return coco_eval.stats.tolist()
+
+
+def evaluate(gt_path, *updates, backend="pycocotools"):
+    evaluator = CocoEvaluator(load_gt(gt_path), backend=backend)
+    for predictions in updates:
+        evaluator.update(predictions)
+    evaluator.synchronize_between_processes()
+    evaluator.accumulate()
+    with contextlib.redirect_stdout(io.StringIO()):
+        evaluator.summarize()
+    return evaluator.stats
+
+
+@pytest.fixture
+def two_images(tmp_path):
+    """Two images with one 100x100 object each (category 1)."""
+    return write_gt(tmp_path, [(1, 320, 240), (2, 320, 240)],
+                    [(1, 1, [10, 10, 100, 100]), (2, 1, [50, 60, 100, 100])])
+
+
+def test_perfect_detections_score_one(two_images):
+    stats = evaluate(two_images, {1: prediction([[10, 10, 110, 110]], [0.9], [1]),
+                                  2: prediction([[50, 60, 150, 160]], [0.8], [1])})
+    ap, ap50, ap75, ap_small, ap_medium, ap_large, ar1, ar10, ar100, ar_small, ar_medium, ar_large = stats
+    assert [ap, ap50, ap75, ap_large, ar1, ar10, ar100, ar_large] == pytest.approx([1.0] * 8)
+    assert (ap_small, ap_medium, ar_small, ar_medium) == (-1.0,) * 4  # no small/medium objects
+
+
+def test_image_without_detections_counts_as_evaluated(two_images):
+    found = {1: prediction([[10, 10, 110, 110]], [0.9], [1])}
+    assert evaluate(two_images, found)[0] == pytest.approx(1.0)  # image 2 never evaluated: not held against the model
+    stats = evaluate(two_images, found, {2: prediction()})
+    assert stats[0] == pytest.approx(51 / 101)  # precision 1 up to recall 0.5: 51 of the 101 recall points
+    assert stats[8] == pytest.approx(0.5)  # AR@100
+
+
+def test_false_positive_ranked_first_halves_precision(two_images):
+    stats = evaluate(two_images, {1: prediction([[200, 150, 300, 230], [10, 10, 110, 110]], [0.9, 0.8], [1, 1])})
+    assert stats[:2] == pytest.approx([0.5, 0.5]) and stats[8] == pytest.approx(1.0)
+
+
+def test_loose_box_matches_only_low_iou_thresholds(two_images):
+    stats = evaluate(two_images, {1: prediction([[10, 10, 110, 72]], [0.9], [1])})  # IoU 0.62
+    assert stats[1:3] == pytest.approx([1.0, 0.0])  # AP50, AP75
+    assert stats[0] == pytest.approx(0.3)  # matched at IoU 0.50, 0.55, 0.60 of the ten thresholds
+
+
+def test_wrong_category_is_not_a_match(two_images):
+    stats = evaluate(two_images, {1: prediction([[10, 10, 110, 110]], [0.9], [5])})
+    assert stats[0] == 0.0 and stats[8] == 0.0
+
+
+@pytest.mark.parametrize("backend", ["pycocotools", "faster-coco-eval"])
+def test_no_detections_at_all(two_images, backend, capsys):
+    stats = evaluate(two_images, {1: prediction(), 2: prediction()}, backend=backend)
+    assert len(stats) == 12 and stats[0] == 0.0 and stats[8] == 0.0 and stats[3] == -1.0
+
+
+def test_duplicate_and_reordered_updates_do_not_change_stats(tmp_path):
+    gt_path, predictions = jittered_fixture(tmp_path, num_images=12, detections_per_image=8)
+    reference = evaluate(gt_path, predictions)
+    ids = sorted(predictions)
+    first_half = {i: predictions[i] for i in ids[:7]}
+    second_half_reversed = {i: predictions[i] for i in reversed(ids[5:])}  # ids 6 and 7 arrive twice
+    assert evaluate(gt_path, second_half_reversed, first_half, first_half) == reference
+
+
+def test_matches_plain_pycocotools_and_faster_coco_eval(tmp_path, capsys):
+    gt_path, predictions = jittered_fixture(tmp_path, num_images=50, detections_per_image=20)
+    expected = pycocotools_stats(gt_path, predictions)
+    capsys.readouterr()
+
+    tables = {}
+    for backend in ["pycocotools", "faster-coco-eval"]:
+        evaluator = CocoEvaluator(load_gt(gt_path), backend=backend)
+        evaluator.update(predictions)
+        evaluator.synchronize_between_processes()
+        evaluator.accumulate()
+        evaluator.summarize()
+        assert evaluator.stats == expected, backend
+        tables[backend] = capsys.readouterr().out
+    assert 0.2 < expected[0] < 0.8 and all(s > 0 for s in expected)  # a fixture where every number means something
+
+    lines = tables["pycocotools"].splitlines()
+    assert lines[0] == "IoU metric: bbox" and len(lines) == 13  # nothing else: no "Accumulating ..." chatter
+    assert re.match(r" Average Precision  \(AP\) @\[ IoU=0.50:0.95 \| area=   all \| maxDets=100 \] = 0\.\d{3}$",
+                    lines[1])
+    assert tables["faster-coco-eval"] == tables["pycocotools"]
+
+
+def test_configuration_errors(two_images, monkeypatch):
+    coco_gt = load_gt(two_images)
+    with pytest.raises(ValueError, match="unknown COCO evaluation backend 'ultrafast'"):
+        CocoEvaluator(coco_gt, backend="ultrafast")
+    with pytest.raises(ValueError, match="only bbox"):
+        CocoEvaluator(coco_gt, iou_types=("segm",))
+    with pytest.raises(RuntimeError, match="summarize"):
+        _ = CocoEvaluator(coco_gt).stats
+    monkeypatch.setitem(sys.modules, "faster_coco_eval", None)  # as if not installed
+    with pytest.raises(ImportError, match="pip install faster-coco-eval"):
+        CocoEvaluator(coco_gt, backend="faster-coco-eval")

@@ -1,0 +1,66 @@
+"""plot_curves.py: reading a (possibly torn) log.jsonl and drawing a real PNG."""
+import json
+
+import matplotlib.image
+import pytest
+
+from conftest import assert_ok, run_script
+from plot_curves import plot_curves, read_log
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+COCO_NAMES = ["AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large",
+              "AR1", "AR10", "AR100", "AR_small", "AR_medium", "AR_large"]
+
+
+def epoch_record(epoch, evaluated):
+    record = {"epoch": epoch, "lr": 0.01 / (epoch + 1), "time_s": 2.5,
+              "train": {"loss": 9.0 - epoch, "bbox_regression": 3.0 - epoch / 2, "classification": 6.0 - epoch / 2}}
+    if evaluated:
+        record["coco"] = {name: 0.1 * epoch for name in COCO_NAMES}
+    return record
+
+
+@pytest.fixture
+def torn_log(tmp_path):
+    """Four epochs (evaluated on 1 and 3) and the first half of a fifth line, as a crash mid-write leaves it."""
+    lines = [json.dumps(epoch_record(epoch, evaluated=epoch % 2 == 1)) for epoch in range(4)]
+    torn = json.dumps(epoch_record(4, evaluated=False))[:40]
+    path = tmp_path / "log.jsonl"
+    path.write_text("\n".join(lines) + "\n" + torn)
+    return path
+
+
+def test_read_log_skips_torn_line_and_keeps_latest_record_per_epoch(torn_log, capsys):
+    # A resumed run may log an epoch again after the torn line; the later record wins.
+    with open(torn_log, "a") as f:
+        f.write("\n" + json.dumps({**epoch_record(2, evaluated=True), "lr": 0.5}) + "\n")
+    records = read_log(torn_log)
+    assert [r["epoch"] for r in records] == [0, 1, 2, 3]
+    assert records[2]["lr"] == 0.5 and records[2]["coco"]["AP"] == pytest.approx(0.2)
+    assert f"{torn_log}:5: skipping" in capsys.readouterr().err
+
+
+def test_plot_curves_writes_a_png_that_matplotlib_reads(torn_log, tmp_path):
+    output = tmp_path / "curves.png"
+    plot_curves(torn_log, output)
+    assert output.read_bytes()[:8] == PNG_SIGNATURE
+    pixels = matplotlib.image.imread(output)
+    assert pixels.shape[:2] == (450, 1500)  # figsize 15 x 4.5 inches at 100 dpi
+    assert pixels.std() > 0.05  # curves, labels and legends were drawn, not a blank canvas
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_plot_curves_rejects_a_log_without_a_complete_record(tmp_path):
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"epoch": 0, "lr"')
+    with pytest.raises(ValueError, match="no complete epoch record"):
+        plot_curves(log, tmp_path / "curves.png")
+
+
+def test_cli_writes_curves_next_to_the_log(torn_log):
+    result = run_script("plot_curves.py", torn_log)
+    assert_ok(result)
+    assert (torn_log.parent / "curves.png").read_bytes()[:8] == PNG_SIGNATURE
+    missing = run_script("plot_curves.py", torn_log.parent / "missing.jsonl")
+    assert missing.returncode == 1
+    assert missing.stderr.strip().count("\n") == 0 and "missing.jsonl" in missing.stderr

@@ -1,0 +1,50 @@
+"""export.py: the ONNX graph of the whole pipeline gives the same detections as PyTorch, for any batch size."""
+import json
+
+import pytest
+import torch
+
+import export
+from conftest import LITE, assert_ok, run_script
+from test_predict import CATEGORIES, save_lively_checkpoint
+
+onnxruntime = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install onnxruntime)")
+import onnx  # noqa: E402  (installed with onnxruntime in requirements-dev.txt)
+
+SCORE_THRESH = 0.5
+
+
+def test_export_round_trip_matches_pytorch(tmp_path):
+    checkpoint = tmp_path / "model_0.pth"
+    model = save_lively_checkpoint(checkpoint)
+    output = tmp_path / "ssdlite.onnx"
+
+    # Exported with an example batch of 2, checked by the script on 3 synthetic images.
+    result = run_script("export.py", "--weights", checkpoint, "--output", output, "--score-thresh", SCORE_THRESH)
+    assert_ok(result)
+    assert result.stdout.count("-> OK") == 3, result.stdout
+    assert "reproduces the PyTorch detections on 3 images" in result.stdout
+
+    metadata = {prop.key: prop.value for prop in onnx.load(output).metadata_props}
+    assert metadata["model"] == LITE and json.loads(metadata["input_size"]) == [320, 320]
+    assert {int(k): v for k, v in json.loads(metadata["categories"]).items()} == CATEGORIES
+
+    # A batch of one image (a size the exporter might have frozen) against the model's own eval path.
+    model.score_thresh = SCORE_THRESH
+    image = export.load_check_batch([], model.size, count=1, seed=7)
+    session = onnxruntime.InferenceSession(str(output), providers=["CPUExecutionProvider"])
+    boxes, scores, labels, counts = session.run(export.OUTPUT_NAMES, {"images": image.numpy()})
+    assert boxes.shape == (1, model.detections_per_img, 4) and counts.shape == (1,)
+    with torch.inference_mode():
+        (expected,) = model(list(image))
+    count = int(counts[0])
+    assert count == len(expected["scores"]) > 10
+    torch.testing.assert_close(torch.from_numpy(boxes[0, :count]), expected["boxes"], atol=0.01, rtol=0)
+    torch.testing.assert_close(torch.from_numpy(scores[0, :count]), expected["scores"], atol=1e-4, rtol=0)
+    assert labels[0, :count].tolist() == expected["labels"].tolist()
+    assert (scores[0, count:] == 0).all() and (labels[0, count:] == 0).all()  # padding
+
+
+def test_missing_optional_package_is_named():
+    with pytest.raises(export.UsageError, match="pip install not-a-real-package"):
+        export.require("not_a_real_module", "not-a-real-package")

@@ -1,0 +1,139 @@
+"""predict.py on real image files: pictures, detections.json, unreadable files, name collisions, class names."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+from torchvision.transforms.functional import pil_to_tensor
+
+import models
+import predict
+from conftest import LITE, assert_ok, run_script
+
+CATEGORIES = {1: "circle", 2: "rectangle", 3: "triangle"}
+FAVOURED_LABEL = 2
+SCORE_THRESH = 0.6
+
+
+def save_lively_checkpoint(path):
+    """Save a train.py-style SSDlite checkpoint whose scores depend on the image and are spread out, with class
+    FAVOURED_LABEL ahead of the others; return the model (eval mode).
+
+    A freshly initialised SSDlite scores every anchor the same: its BatchNorm layers still hold the default
+    running statistics, under which the activations vanish. Estimating them on a few random images (as a
+    first training step would) gives features of unit scale, hence image-dependent, well separated scores.
+    """
+    torch.manual_seed(0)
+    model = models.get_model(LITE, num_classes=len(CATEGORIES) + 1)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.reset_running_stats()
+            module.momentum = None  # running statistics = the plain average over the calibration batch
+    model.train()
+    with torch.no_grad():
+        model.head(model.backbone(torch.randn(4, 3, *model.size)))
+        for name, parameter in model.head.named_parameters():
+            # The last 1x1 conv of each level: its channels are (anchor, class) pairs, class fastest.
+            if name.startswith("classification_head") and name.endswith(".1.bias"):
+                parameter.view(-1, model.num_classes)[:, FAVOURED_LABEL] += 1.0
+    torch.save({"model": model.state_dict(), "epoch": 0, "args": {"model": LITE}, "categories": CATEGORIES}, path)
+    return model.eval()
+
+
+def save_smooth_image(path, width, height, seed):
+    """Smooth colour blobs (bilinear up-sampled noise): structure the detector reacts to, unlike pixel noise."""
+    coarse = torch.rand(1, 3, 6, 6, generator=torch.Generator().manual_seed(seed))
+    image = torch.nn.functional.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=False)[0]
+    Image.fromarray((image.permute(1, 2, 0).numpy() * 255).astype(np.uint8)).save(path)
+
+
+@pytest.fixture(scope="module")
+def lively(tmp_path_factory):
+    path = tmp_path_factory.mktemp("weights") / "model_0.pth"
+    return path, save_lively_checkpoint(path)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """photos/{a.png, broken.jpg, notes.txt, sub/b.jpg} and other/a.png, whose basename collides."""
+    root = tmp_path_factory.mktemp("inputs")
+    (root / "photos" / "sub").mkdir(parents=True)
+    (root / "other").mkdir()
+    save_smooth_image(root / "photos" / "a.png", 64, 48, seed=1)
+    save_smooth_image(root / "photos" / "sub" / "b.jpg", 90, 120, seed=2)
+    save_smooth_image(root / "other" / "a.png", 300, 200, seed=3)
+    (root / "photos" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a JPEG")
+    (root / "photos" / "notes.txt").write_text("not an image, not an image extension")
+    return root
+
+
+def test_predict_writes_pictures_and_detections(lively, inputs, tmp_path):
+    checkpoint, model = lively
+    output_dir = tmp_path / "out"
+    result = run_script(
+        "predict.py", "--weights", checkpoint, "--output-dir", output_dir, "--score-thresh", SCORE_THRESH,
+        "--batch-size", 2, "--print-freq", 1, inputs / "photos", inputs / "other" / "a.png",
+    )
+    assert_ok(result)
+    # The corrupt file is named once on stderr and skipped; the rest went on.
+    assert [line for line in result.stderr.splitlines() if "broken.jpg" in line] == [
+        line for line in result.stderr.splitlines() if line.startswith("skipping")
+    ]
+    assert result.stderr.count("skipping") == 1
+    assert "3/4 images" in result.stdout and "4/4 images" in result.stdout
+
+    summary = json.loads((output_dir / "detections.json").read_text())
+    assert summary["model"] == LITE and summary["score_thresh"] == SCORE_THRESH
+    assert [(r["file"], r["picture"], r["width"], r["height"]) for r in summary["images"]] == [
+        (str(inputs / "photos" / "a.png"), "a.png", 64, 48),
+        (str(inputs / "photos" / "sub" / "b.jpg"), "sub/b.jpg", 90, 120),
+        (str(inputs / "other" / "a.png"), "a_2.png", 300, 200),
+    ]
+    assert sorted(p.relative_to(output_dir).as_posix() for p in output_dir.rglob("*") if p.is_file()) == [
+        "a.png", "a_2.png", "detections.json", "sub/b.jpg",
+    ]
+
+    # Same detections as the model called directly on the same batches (broken.jpg left a.png and b.jpg together).
+    model.score_thresh = SCORE_THRESH
+    images = [pil_to_tensor(Image.open(r["file"]).convert("RGB")) for r in summary["images"]]
+    with torch.inference_mode():
+        expected = model([im / 255 for im in images[:2]]) + model([images[2] / 255])
+    for record, image, reference in zip(summary["images"], images, expected):
+        detections = record["detections"]
+        assert len(detections) == len(reference["scores"]) > 0
+        torch.testing.assert_close(torch.tensor([d["box"] for d in detections]), reference["boxes"], atol=0.01, rtol=0)
+        torch.testing.assert_close(torch.tensor([d["score"] for d in detections]), reference["scores"], atol=1e-4, rtol=0)
+        assert [d["label"] for d in detections] == reference["labels"].tolist()
+        assert all(d["name"] == CATEGORIES[d["label"]] and d["score"] >= SCORE_THRESH for d in detections)
+        names = [d["name"] for d in detections]
+        assert max(set(names), key=names.count) == CATEGORIES[FAVOURED_LABEL]
+
+        picture = Image.open(output_dir / record["picture"])
+        assert picture.size == (record["width"], record["height"])
+        drawn = pil_to_tensor(picture.convert("RGB")).int()
+        assert (drawn - image.int()).abs().amax(dim=0).gt(60).sum() > 50  # boxes and labels are on the picture
+
+
+def test_picture_names_mirror_inputs_and_never_collide():
+    assert predict.unique_picture_names(["a.jpg", "A.JPG", "x/a.png", "a.jpeg", "a.bmp", "a.png"]) == [
+        "a.jpg", "A_2.jpg", "x/a.png", "a_3.jpg", "a.png", "a_2.png",
+    ]
+
+
+def test_bad_inputs_give_clear_errors(lively, inputs, tmp_path):
+    checkpoint, _ = lively
+    parser = predict.get_args_parser()
+
+    def run(*args):
+        predict.main(parser.parse_args(["--output-dir", str(tmp_path / "out"), *map(str, args)]))
+
+    with pytest.raises(models.WeightsError, match="missing.pth"):
+        run("--weights", tmp_path / "missing.pth", inputs / "other")
+    with pytest.raises(predict.UsageError, match=f"--model ssd300_vgg16 does not match .*belongs to {LITE}"):
+        run("--model", "ssd300_vgg16", "--weights", checkpoint, inputs / "other")
+    with pytest.raises(predict.UsageError, match="no such file or folder"):
+        run("--weights", checkpoint, inputs / "nowhere")
+    with pytest.raises(predict.UsageError, match="none of the 1 input images could be read"):
+        run("--weights", checkpoint, inputs / "photos" / "broken.jpg")

@@ -1,0 +1,228 @@
+"""Issue 5's promises, through the real command line: exact resume after SIGKILL, no silent overwrite, safe loading,
+bad input reported in one line with nothing damaged, non-finite loss, and no hang when a rank dies."""
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import LITE, REPO, assert_ok, read_log, run_script, torchrun, train_args
+
+
+def digest(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def snapshot(directory):
+    return {p.name: digest(p) for p in sorted(Path(directory).iterdir()) if p.is_file()}
+
+
+def final_parameters(output_dir):
+    return torch.load(Path(output_dir) / "checkpoint.pth", map_location="cpu", weights_only=True)["model"]
+
+
+def assert_user_error(result, *fragments):
+    """Non-zero exit, no traceback, and one stderr line that names what is wrong."""
+    assert result.returncode != 0, result.stdout[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    error_lines = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert len(error_lines) == 1, result.stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in error_lines[0], error_lines[0]
+
+
+def start_and_kill_mid_epoch(command_args, epoch, launcher=None):
+    """Start train.py, SIGKILL its whole process group once `epoch` has started, and wait for it to die."""
+    command = (launcher or [sys.executable]) + [str(REPO / "train.py"), *map(str, command_args)]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+    seen = []
+    for line in process.stdout:
+        seen.append(line)
+        if re.search(rf"Epoch: \[{epoch}\]\s+\[\s*2/", line):  # a few iterations into the epoch
+            os.killpg(process.pid, signal.SIGKILL)
+            break
+    process.wait(timeout=60)
+    assert process.returncode != 0, "".join(seen[-50:])
+
+
+@pytest.mark.parametrize("launcher", [None, torchrun(2)], ids=["single", "torchrun2"])
+def test_resume_after_sigkill_is_bit_identical(shapes_root, tmp_path, launcher):
+    flags = ["--use-deterministic-algorithms", "-j", 1]
+    reference = tmp_path / "reference"
+    assert_ok(run_script("train.py", *train_args(shapes_root, reference, *flags), launcher=launcher))
+
+    interrupted = tmp_path / "interrupted"
+    start_and_kill_mid_epoch(train_args(shapes_root, interrupted, *flags), epoch=1, launcher=launcher)
+    assert read_log(interrupted)[-1]["epoch"] == 0
+    resumed = run_script("train.py", *train_args(shapes_root, interrupted, *flags, "--resume",
+                                                 interrupted / "checkpoint.pth"), launcher=launcher)
+    assert_ok(resumed)
+
+    expected, actual = final_parameters(reference), final_parameters(interrupted)
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        assert torch.equal(expected[name], actual[name]), name
+    assert [r["train"] for r in read_log(interrupted)] == [r["train"] for r in read_log(reference)]
+
+
+def test_existing_checkpoint_is_never_overwritten_without_resume(trained_run, shapes_root):
+    output_dir, _ = trained_run
+    before = snapshot(output_dir)
+    result = run_script("train.py", *train_args(shapes_root, output_dir))
+    assert_user_error(result, str(output_dir / "checkpoint.pth"), "--resume")
+    assert snapshot(output_dir) == before
+
+
+def test_malicious_checkpoint_is_refused_and_never_runs(shapes_root, tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    evil = tmp_path / "evil.pth"
+    torch.save({"model": Exploit(), "epoch": 0}, evil)
+    for flag in ("--resume", "--weights"):
+        result = run_script("train.py", *train_args(shapes_root, tmp_path / "out", flag, evil))
+        assert_user_error(result, str(evil))
+        assert not marker.exists()
+
+
+def test_non_finite_loss_stops_before_the_step_and_keeps_the_checkpoint(trained_run, shapes_root, tmp_path):
+    output_dir, _ = trained_run
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    for name in ("checkpoint.pth", "log.jsonl"):
+        (run_dir / name).write_bytes((output_dir / name).read_bytes())
+    poisoned = torch.load(output_dir / "checkpoint.pth", map_location="cpu", weights_only=True)
+    bias = next(k for k in poisoned["model"] if k.startswith("head.classification_head") and k.endswith(".1.bias"))
+    poisoned["model"][bias].fill_(float("nan"))
+    torch.save(poisoned, tmp_path / "poisoned.pth")
+    before = snapshot(run_dir)
+
+    result = run_script("train.py", *train_args(shapes_root, run_dir, "--resume", tmp_path / "poisoned.pth", epochs=3))
+    assert_user_error(result, "epoch 2", "iteration 0", "classification", "image ids")
+    assert snapshot(run_dir) == before
+    resumed = run_script("train.py", *train_args(shapes_root, run_dir, "--resume", run_dir / "checkpoint.pth",
+                                                 epochs=3))
+    assert_ok(resumed)
+    assert [r["epoch"] for r in read_log(run_dir)] == [0, 1, 2]
+
+
+def write_coco(root, images, annotations, categories=({"id": 1, "name": "thing"},), image_set="train"):
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    payload = {"images": images, "annotations": annotations, "categories": list(categories)}
+    (root / "annotations" / f"instances_{image_set}2017.json").write_text(json.dumps(payload))
+
+
+def small_jpeg(path, size=(64, 48)):
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, (120, 30, 200)).save(path)
+
+
+def coco_folder(root):
+    """A valid two-split COCO folder with one image and box per split."""
+    for split in ("train", "val"):
+        small_jpeg(root / f"{split}2017" / "a.jpg")
+        write_coco(root, [{"id": 1, "file_name": "a.jpg", "width": 64, "height": 48}],
+                   [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [5, 5, 20, 20], "area": 400, "iscrowd": 0}],
+                   image_set=split)
+    return root
+
+
+def coco_run(root, output_dir, *extra):
+    return ["--dataset", "coco", "--data-path", root, "--model", LITE, "--epochs", 1, "-b", 1, "-j", 0,
+            "--output-dir", output_dir, *extra]
+
+
+BAD_DATA_CASES = {
+    "missing_dir": (lambda root: None, ["instances_val2017.json"]),
+    "malformed_json": (lambda root: (root / "annotations" / "instances_val2017.json").write_text("{\"images\": [,"),
+                       ["instances_val2017.json"]),
+    "missing_image": (lambda root: (root / "train2017" / "a.jpg").unlink(), ["a.jpg", "1"]),
+    "corrupt_image": (lambda root: (root / "train2017" / "a.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg"),
+                      ["a.jpg"]),
+    "bad_bbox": (lambda root: write_coco(root, [{"id": 1, "file_name": "a.jpg", "width": 64, "height": 48}],
+                                         [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [5, "x", 20],
+                                           "area": 1, "iscrowd": 0}]), ["bbox", "instances_train2017.json"]),
+    "unknown_category": (lambda root: write_coco(root, [{"id": 1, "file_name": "a.jpg", "width": 64, "height": 48}],
+                                                 [{"id": 1, "image_id": 1, "category_id": 7, "bbox": [5, 5, 9, 9],
+                                                   "area": 81, "iscrowd": 0}]), ["7", "instances_train2017.json"]),
+    "no_usable_training_image": (
+        lambda root: write_coco(root, [{"id": 1, "file_name": "a.jpg", "width": 64, "height": 48}],
+                                [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [5, 5, 0, 9], "area": 0,
+                                  "iscrowd": 0}]), ["instances_train2017.json"]),
+}
+
+
+@pytest.mark.parametrize("case", BAD_DATA_CASES)
+def test_bad_data_is_reported_in_one_line(case, tmp_path):
+    break_it, fragments = BAD_DATA_CASES[case]
+    root = tmp_path / "coco"
+    if case != "missing_dir":
+        coco_folder(root)
+        break_it(root)
+    output_dir = tmp_path / "out"
+    output_dir.mkdir()
+    (output_dir / "log.jsonl").write_text('{"epoch": 0}\n')
+    before = snapshot(output_dir)
+    result = run_script("train.py", *coco_run(root, output_dir), timeout=120)
+    assert_user_error(result, *fragments)
+    assert snapshot(output_dir) == before
+
+
+def test_bad_flags_are_reported_in_one_line(trained_run, shapes_root, tmp_path):
+    output_dir, _ = trained_run
+    checkpoint = output_dir / "checkpoint.pth"
+    cases = [
+        (["--batch-size", 0], ["--batch-size"]),
+        (["--model", "yolo"], ["--model", "yolo"]),
+        (["--data-augmentation", "mosaic"], ["--data-augmentation", "mosaic"]),
+        (["--lr-scheduler", "steplr"], ["--lr-scheduler", "steplr"]),
+        (["--backend", "tv_tensor"], ["--use-v2"]),
+        (["--weights", tmp_path / "missing.pth"], ["missing.pth"]),
+        (["--resume", checkpoint, "--model", "ssd300_vgg16"], [str(checkpoint), LITE, "ssd300_vgg16"]),
+        (["--resume", checkpoint, "--epochs", 2], [str(checkpoint), "--epochs"]),
+    ]
+    for extra, fragments in cases:
+        args = train_args(shapes_root, tmp_path / "out", epochs=2)
+        result = run_script("train.py", *args, *extra, timeout=120)
+        assert_user_error(result, *fragments)
+    assert not (tmp_path / "out" / "checkpoint.pth").exists()
+
+
+def test_another_models_checkpoint_is_rejected_with_the_mismatch(trained_run, shapes_root, tmp_path):
+    output_dir, _ = trained_run
+    args = train_args(shapes_root, tmp_path / "out", "--model", "ssd300_vgg16", "--weights", output_dir / "model_1.pth")
+    result = run_script("train.py", *args, timeout=120)
+    assert_user_error(result, "model_1.pth", "missing")
+
+
+def test_when_one_rank_dies_the_others_exit_promptly(shapes_root, tmp_path):
+    command = torchrun(2) + [str(REPO / "train.py"), *map(str, train_args(shapes_root, tmp_path / "out", epochs=50))]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+    try:
+        for line in process.stdout:
+            if re.search(r"Epoch: \[0\]\s+\[\s*2/", line):
+                break
+        workers = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
+        assert len(workers) == 2
+        os.kill(int(workers[-1]), signal.SIGKILL)
+        killed_at = time.monotonic()
+        process.wait(timeout=90)
+        assert process.returncode != 0
+        assert time.monotonic() - killed_at < 60
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)

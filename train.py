@@ -1,0 +1,419 @@
+r"""Train and evaluate SSD300 VGG16 / SSDlite320 MobileNetV3-Large on COCO-format data.
+
+The flags follow torchvision's detection references. The published recipes, on 8 GPUs:
+
+    torchrun --nproc_per_node=8 train.py --dataset coco --model ssd300_vgg16 --epochs 120 \
+        --lr-steps 80 110 --aspect-ratio-group-factor 3 --lr 0.002 --batch-size 4 \
+        --weight-decay 0.0005 --data-augmentation ssd --weights-backbone VGG16_Weights.IMAGENET1K_FEATURES
+
+    torchrun --nproc_per_node=8 train.py --dataset coco --model ssdlite320_mobilenet_v3_large --epochs 660 \
+        --aspect-ratio-group-factor 3 --lr-scheduler cosineannealinglr --lr 0.15 --batch-size 24 \
+        --weight-decay 0.00004 --data-augmentation ssdlite
+
+--batch-size is per process; scale --lr linearly with the total batch size when changing the GPU count.
+"""
+import argparse
+import datetime
+import errno
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.utils.data
+
+import coco_utils
+import engine
+import models
+import presets
+import shapes
+import utils
+from group_by_aspect_ratio import GroupedBatchSampler, create_aspect_ratio_groups
+from plot_curves import plot_curves
+
+CHECKPOINT_NAME = "checkpoint.pth"
+LOG_NAME = "log.jsonl"
+DEFAULT_DATA_PATHS = {"coco": "data/coco", "shapes": "data/shapes"}
+COCO_STAT_NAMES = [
+    "AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large",
+    "AR1", "AR10", "AR100", "AR_small", "AR_medium", "AR_large",
+]
+
+
+class ConfigError(ValueError):
+    """A flag, or a combination of flags, that cannot work; reported in one line without a traceback."""
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def get_args_parser(add_help=True):
+    parser = _OneLineParser(description="SSD detection training", add_help=add_help)
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", default="coco", choices=["coco", "shapes"],
+                      help="coco: any COCO-layout folder; shapes: the built-in synthetic set, generated on first use")
+    data.add_argument("--data-path", default=None,
+                      help="dataset root (default: data/coco or data/shapes)")
+    data.add_argument("--shapes-num-train", default=1000, type=int, help="training images of the shapes dataset")
+    data.add_argument("--shapes-num-val", default=200, type=int, help="validation images of the shapes dataset")
+    data.add_argument("-j", "--workers", default=4, type=int, help="data loading workers per process")
+    data.add_argument("--aspect-ratio-group-factor", default=3, type=int,
+                      help="batch images of similar aspect ratio (k bins per side); negative disables")
+    data.add_argument("--data-augmentation", default="hflip", choices=["hflip", "ssd", "ssdlite"])
+    data.add_argument("--backend", default="pil", type=str.lower, choices=["pil", "tensor", "tv_tensor"])
+    data.add_argument("--use-v2", action="store_true", help="use torchvision.transforms.v2 and tv_tensors")
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", default="ssd300_vgg16", choices=models.list_models())
+    model.add_argument("--weights", default=None,
+                       help="torchvision weights name (e.g. SSD300_VGG16_Weights.COCO_V1) or a local .pth file")
+    model.add_argument("--weights-backbone", default=None,
+                       help="backbone weights name (e.g. VGG16_Weights.IMAGENET1K_FEATURES) or a local .pth file")
+    model.add_argument("--trainable-backbone-layers", default=None, type=int)
+    model.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (SSDlite)")
+
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    optim.add_argument("-b", "--batch-size", default=2, type=int, help="images per process")
+    optim.add_argument("--epochs", default=26, type=int, metavar="N")
+    optim.add_argument("--opt", default="sgd", type=str.lower, choices=["sgd", "sgd_nesterov", "adamw"])
+    optim.add_argument("--lr", default=0.02, type=float)
+    optim.add_argument("--momentum", default=0.9, type=float, metavar="M")
+    optim.add_argument("--wd", "--weight-decay", default=1e-4, type=float, metavar="W", dest="weight_decay")
+    optim.add_argument("--norm-weight-decay", default=None, type=float,
+                       help="weight decay for normalisation layers (default: same as --weight-decay)")
+    optim.add_argument("--lr-scheduler", default="multisteplr", type=str.lower,
+                       choices=["multisteplr", "cosineannealinglr"])
+    optim.add_argument("--lr-steps", default=[16, 22], nargs="+", type=int, help="MultiStepLR milestones (epochs)")
+    optim.add_argument("--lr-gamma", default=0.1, type=float, help="MultiStepLR factor")
+    optim.add_argument("--warmup-iters", default=1000, type=int,
+                       help="linear warm-up iterations in the first epoch (torchvision: 1000)")
+    optim.add_argument("--amp", action="store_true",
+                       help="mixed precision: float16 + GradScaler on CUDA, bfloat16 on CPU (slow without AVX512-BF16/AMX)")
+    optim.add_argument("--seed", default=None, type=int, help="seed every random generator (exact resume needs it)")
+    optim.add_argument("--use-deterministic-algorithms", action="store_true")
+
+    run = parser.add_argument_group("run")
+    run.add_argument("--output-dir", default="output", help="checkpoints and log.jsonl ('' writes nothing)")
+    run.add_argument("--resume", default="", help="checkpoint to resume from (e.g. OUTPUT_DIR/checkpoint.pth)")
+    run.add_argument("--start-epoch", "--start_epoch", default=0, type=int, dest="start_epoch")
+    run.add_argument("--print-freq", default=20, type=int)
+    run.add_argument("--test-only", action="store_true", help="only evaluate (--weights or --resume)")
+    run.add_argument("--eval-freq", default=1, type=int, help="evaluate every N epochs and after the last")
+    run.add_argument("--eval-batch-size", default=8, type=int, help="images per process during evaluation")
+    run.add_argument("--coco-backend", default="pycocotools", choices=["pycocotools", "faster-coco-eval"])
+    run.add_argument("--world-size", default=1, type=int, help="number of processes (set by torchrun)")
+    run.add_argument("--dist-url", default="env://", help="url used to set up distributed training")
+    return parser
+
+
+def validate_args(args):
+    """Reject flag values and combinations that cannot work, before anything is loaded or written."""
+    positive = {"--batch-size": args.batch_size, "--epochs": args.epochs, "--eval-freq": args.eval_freq,
+                "--eval-batch-size": args.eval_batch_size, "--print-freq": args.print_freq}
+    for flag, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{flag} must be at least 1, got {value}")
+    if args.workers < 0:
+        raise ConfigError(f"--workers must be >= 0, got {args.workers}")
+    if not math.isfinite(args.lr) or args.lr <= 0:
+        raise ConfigError(f"--lr must be a positive number, got {args.lr}")
+    if args.warmup_iters < 0:
+        raise ConfigError(f"--warmup-iters must be >= 0, got {args.warmup_iters}")
+    if args.lr_scheduler == "multisteplr" and args.lr_steps != sorted(args.lr_steps):
+        raise ConfigError(f"--lr-steps must be increasing, got {args.lr_steps}")
+    if args.backend == "tv_tensor" and not args.use_v2:
+        raise ConfigError("--backend tv_tensor needs --use-v2")
+    if args.resume and args.weights:
+        raise ConfigError("--resume already restores the model; drop --weights")
+    if args.dataset == "shapes" and (args.shapes_num_train < 1 or args.shapes_num_val < 1):
+        raise ConfigError("--shapes-num-train and --shapes-num-val must be at least 1")
+    if args.amp and args.device.startswith("cpu"):
+        print("warning: --amp on CPU uses bfloat16 autocast, which is emulated (several times slower) "
+              "on CPUs without AVX512-BF16/AMX", file=sys.stderr)
+    if args.data_path is None:
+        args.data_path = DEFAULT_DATA_PATHS[args.dataset]
+
+
+def get_transform(is_train, args):
+    if is_train:
+        return presets.DetectionPresetTrain(
+            data_augmentation=args.data_augmentation, backend=args.backend, use_v2=args.use_v2
+        )
+    return presets.DetectionPresetEval(backend=args.backend, use_v2=args.use_v2)
+
+
+def prepare_data_root(args):
+    """Generate the shapes dataset once (rank 0 first, the others then reuse it)."""
+    if args.dataset != "shapes":
+        return
+    if utils.is_main_process():
+        shapes.ensure_shapes_dataset(args.data_path, num_train=args.shapes_num_train,
+                                     num_val=args.shapes_num_val)
+    utils.barrier()
+    if not utils.is_main_process():
+        shapes.ensure_shapes_dataset(args.data_path, num_train=args.shapes_num_train,
+                                     num_val=args.shapes_num_val)
+
+
+def get_dataset(is_train, args):
+    image_set = "train" if is_train else "val"
+    return coco_utils.get_coco(args.data_path, image_set, get_transform(is_train, args), use_v2=args.use_v2)
+
+
+def seed_loader_for_epoch(data_loader, args, epoch):
+    """Make the workers' augmentation randomness a function of --seed, epoch and rank alone."""
+    if data_loader.generator is not None:
+        data_loader.generator.manual_seed(args.seed * 1_000_003 + epoch * 1_009 + utils.get_rank())
+
+
+def build_train_loader(dataset, args):
+    # DistributedSampler with one replica is a seeded, epoch-aware shuffle: the same code path for 1 or N processes.
+    sampler = torch.utils.data.DistributedSampler(
+        dataset, num_replicas=utils.get_world_size(), rank=utils.get_rank(), shuffle=True, seed=args.seed or 0
+    )
+    if args.aspect_ratio_group_factor >= 0:
+        group_ids = create_aspect_ratio_groups(dataset, k=args.aspect_ratio_group_factor)
+        batch_sampler = GroupedBatchSampler(sampler, group_ids, args.batch_size)
+    else:
+        batch_sampler = torch.utils.data.BatchSampler(sampler, args.batch_size, drop_last=True)
+    if len(batch_sampler) == 0:
+        raise ConfigError(
+            f"--batch-size {args.batch_size} is larger than the {len(sampler)} training images of this process"
+        )
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=batch_sampler, num_workers=args.workers, collate_fn=utils.collate_fn,
+        pin_memory=args.device.startswith("cuda"), generator=torch.Generator() if args.seed is not None else None,
+    )
+    return loader, sampler
+
+
+def build_eval_loader(dataset, args):
+    if utils.get_world_size() > 1:
+        # Pads with repeated images to an equal share per rank; the evaluator drops the repeats.
+        sampler = torch.utils.data.DistributedSampler(dataset, shuffle=False)
+    else:
+        sampler = torch.utils.data.SequentialSampler(dataset)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=args.eval_batch_size, sampler=sampler, num_workers=args.workers,
+        collate_fn=utils.collate_fn, pin_memory=args.device.startswith("cuda"),
+        # Its own generator, so evaluating never consumes the global RNG that exact resume depends on.
+        generator=torch.Generator().manual_seed(0),
+    )
+
+
+def build_optimizer(model, args):
+    if args.norm_weight_decay is None:
+        param_groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    else:
+        norm_params, other_params = split_normalization_params(model)
+        param_groups = [
+            {"params": norm_params, "weight_decay": args.norm_weight_decay},
+            {"params": other_params, "weight_decay": args.weight_decay},
+        ]
+        param_groups = [group for group in param_groups if group["params"]]
+    if args.opt.startswith("sgd"):
+        return torch.optim.SGD(param_groups, lr=args.lr, momentum=args.momentum,
+                               weight_decay=args.weight_decay, nesterov=args.opt == "sgd_nesterov")
+    return torch.optim.AdamW(param_groups, lr=args.lr, weight_decay=args.weight_decay)
+
+
+def split_normalization_params(model):
+    """Trainable parameters of normalisation layers vs all the others (torchvision's --norm-weight-decay split)."""
+    norm_types = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.LayerNorm, torch.nn.GroupNorm,
+                  torch.nn.modules.instancenorm._InstanceNorm, torch.nn.LocalResponseNorm)
+    norm_params, other_params = [], []
+    for module in model.modules():
+        params = [p for p in module.parameters(recurse=False) if p.requires_grad]
+        (norm_params if isinstance(module, norm_types) else other_params).extend(params)
+    return norm_params, other_params
+
+
+def build_lr_scheduler(optimizer, args):
+    if args.lr_scheduler == "multisteplr":
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=args.lr_steps, gamma=args.lr_gamma)
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
+
+
+def amp_setup(args, device):
+    """(autocast dtype or None, GradScaler or None): float16 with loss scaling on CUDA, bfloat16 on CPU."""
+    if not args.amp:
+        return None, None
+    if device.type == "cuda":
+        return torch.float16, torch.amp.GradScaler("cuda")
+    return torch.bfloat16, None
+
+
+def checkpoint_args(args):
+    """The run's flags as plain data (checkpoints must load with weights_only=True)."""
+    return {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, list, type(None)))}
+
+
+def load_resume_checkpoint(args):
+    checkpoint = models.load_checkpoint_file(args.resume)
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint or "epoch" not in checkpoint:
+        raise ConfigError(f"--resume {args.resume}: not a training checkpoint (no 'model'/'epoch'); "
+                          "use --weights for model-only files")
+    saved_model = checkpoint.get("args", {}).get("model")
+    if saved_model is not None and saved_model != args.model:
+        raise ConfigError(f"--resume {args.resume} was made with --model {saved_model}, not --model {args.model}")
+    return checkpoint
+
+
+def build_model(args, num_classes, device, resume_checkpoint):
+    kwargs = {}
+    if args.trainable_backbone_layers is not None:
+        kwargs["trainable_backbone_layers"] = args.trainable_backbone_layers
+    model = models.get_model(args.model, weights=args.weights, weights_backbone=args.weights_backbone,
+                             num_classes=num_classes, **kwargs)
+    if resume_checkpoint is not None:
+        models.load_model_state(model, resume_checkpoint["model"], source=args.resume)
+    model.to(device)
+    if args.distributed and args.sync_bn:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
+
+
+def check_output_dir(args):
+    """Refuse to silently overwrite a previous run's checkpoint."""
+    existing = os.path.join(args.output_dir, CHECKPOINT_NAME)
+    if args.output_dir and not args.resume and not args.test_only and os.path.exists(existing):
+        raise ConfigError(f"{existing} already exists: continue that run with --resume {existing}, "
+                          "or choose another --output-dir")
+
+
+def save_epoch(args, epoch, model, optimizer, lr_scheduler, scaler, categories, rng_states):
+    """Write model_{epoch}.pth (weights + metadata) and checkpoint.pth (everything --resume needs), atomically."""
+    meta = {"epoch": epoch, "args": checkpoint_args(args), "categories": categories}
+    checkpoint = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "lr_scheduler": lr_scheduler.state_dict(),
+        "rng_states": rng_states,
+        **meta,
+    }
+    if scaler is not None:
+        checkpoint["scaler"] = scaler.state_dict()
+    utils.save_atomic({"model": checkpoint["model"], **meta}, os.path.join(args.output_dir, f"model_{epoch}.pth"))
+    utils.save_atomic(checkpoint, os.path.join(args.output_dir, CHECKPOINT_NAME))
+
+
+def restore_training_state(args, checkpoint, optimizer, lr_scheduler, scaler):
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
+    if scaler is not None and "scaler" in checkpoint:
+        scaler.load_state_dict(checkpoint["scaler"])
+    args.start_epoch = checkpoint["epoch"] + 1
+    if args.start_epoch >= args.epochs:
+        raise ConfigError(f"--resume {args.resume} already finished epoch {checkpoint['epoch']}; "
+                          f"--epochs {args.epochs} must be above {checkpoint['epoch'] + 1} to train more")
+    rng_states = checkpoint.get("rng_states") or []
+    if len(rng_states) == utils.get_world_size():
+        utils.set_rng_state(rng_states[utils.get_rank()])
+    elif args.seed is not None:
+        print(f"warning: {args.resume} holds RNG states for {len(rng_states)} processes, not "
+              f"{utils.get_world_size()}: the resumed run will not repeat the original exactly", file=sys.stderr)
+
+
+def main(args):
+    validate_args(args)
+    utils.init_distributed_mode(args)
+    if args.output_dir and utils.is_main_process():
+        check_output_dir(args)
+        utils.mkdir(args.output_dir)
+    print(args)
+    device = torch.device(args.device)
+    if args.seed is not None:
+        utils.seed_everything(args.seed + utils.get_rank())
+    if args.use_deterministic_algorithms:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # SSD inputs have one fixed size
+
+    resume_checkpoint = load_resume_checkpoint(args) if args.resume else None
+
+    print("Loading data")
+    prepare_data_root(args)
+    dataset_test = get_dataset(False, args)
+    num_classes = coco_utils.get_num_classes(dataset_test)
+    categories = coco_utils.get_category_names(dataset_test)
+    data_loader_test = build_eval_loader(dataset_test, args)
+
+    print("Creating model")
+    model = build_model(args, num_classes, device, resume_checkpoint)
+    model_without_ddp = model
+    if args.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[args.gpu] if device.type == "cuda" else None)
+        model_without_ddp = model.module
+    amp_dtype, scaler = amp_setup(args, device)
+
+    if args.test_only:
+        torch.backends.cudnn.deterministic = True
+        engine.evaluate(model, data_loader_test, device, coco_backend=args.coco_backend, amp_dtype=amp_dtype)
+        return
+
+    dataset = get_dataset(True, args)
+    data_loader, train_sampler = build_train_loader(dataset, args)
+    optimizer = build_optimizer(model_without_ddp, args)
+    lr_scheduler = build_lr_scheduler(optimizer, args)
+    if resume_checkpoint is not None:
+        restore_training_state(args, resume_checkpoint, optimizer, lr_scheduler, scaler)
+        del resume_checkpoint
+    if args.start_epoch >= args.epochs:
+        raise ConfigError(f"--start-epoch {args.start_epoch} must be below --epochs {args.epochs}")
+
+    print("Start training")
+    start_time = time.time()
+    for epoch in range(args.start_epoch, args.epochs):
+        epoch_start = time.time()
+        train_sampler.set_epoch(epoch)
+        seed_loader_for_epoch(data_loader, args, epoch)
+        train_stats = engine.train_one_epoch(
+            model, optimizer, data_loader, device, epoch, args.print_freq,
+            scaler=scaler, amp_dtype=amp_dtype, warmup_iters=args.warmup_iters,
+        )
+        lr_scheduler.step()
+        coco_stats = None
+        if (epoch + 1) % args.eval_freq == 0 or epoch + 1 == args.epochs:
+            coco_stats = engine.evaluate(model, data_loader_test, device, coco_backend=args.coco_backend, amp_dtype=amp_dtype)
+        # Captured after evaluation so a resumed run starts the next epoch from exactly this state.
+        rng_states = utils.all_gather(utils.get_rng_state())
+        if args.output_dir and utils.is_main_process():
+            save_epoch(args, epoch, model_without_ddp, optimizer, lr_scheduler, scaler, categories, rng_states)
+            record = {"epoch": epoch, "lr": train_stats["lr"], "time_s": round(time.time() - epoch_start, 3),
+                      "train": {k: v for k, v in train_stats.items() if k != "lr"}}
+            if coco_stats is not None:
+                record["coco"] = dict(zip(COCO_STAT_NAMES, coco_stats))
+            utils.append_jsonl(os.path.join(args.output_dir, LOG_NAME), record)
+            plot_curves(os.path.join(args.output_dir, LOG_NAME), os.path.join(args.output_dir, "curves.png"))
+
+    total_time = str(datetime.timedelta(seconds=int(time.time() - start_time)))
+    print(f"Training time {total_time}")
+
+
+def one_line(error):
+    """The message of a user-facing error, without the traceback a DataLoader worker wraps around it."""
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    last = lines[-1] if lines else type(error).__name__
+    for prefix in (f"{type(error).__module__}.{type(error).__name__}: ", f"{type(error).__name__}: "):
+        last = last.removeprefix(prefix)
+    return last
+
+
+USER_ERRORS = (ConfigError, coco_utils.DatasetError, models.WeightsError, engine.NonFiniteLossError,
+               utils.DistributedSetupError)
+
+if __name__ == "__main__":
+    try:
+        main(get_args_parser().parse_args())
+    except USER_ERRORS as error:
+        sys.exit(f"error: {one_line(error)}")
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        sys.exit(f"error: {error} (the previous checkpoint was left intact)")

@@ -1,0 +1,379 @@
+"""Logging, distributed, checkpoint-writing and RNG helpers shared by train.py and engine.py."""
+import builtins
+import contextlib
+import datetime
+import json
+import os
+import random
+import tempfile
+import time
+from collections import defaultdict, deque
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+class SmoothedValue:
+    """Track a series of values; report the median/average over a window and the global average.
+
+    Values may be device tensors: they stay on the device until something is read (at print time), when the whole
+    window and the running total are copied to the host in one transfer. The training loop thus pays no host sync
+    per logged value.
+    """
+
+    def __init__(self, window_size=20, fmt=None):
+        self.deque = deque(maxlen=window_size)
+        self.total = 0.0
+        self.count = 0
+        self.fmt = fmt or "{median:.4f} ({global_avg:.4f})"
+        self._device_total = None  # sum of the tensor values not yet added to total
+
+    def update(self, value, n=1):
+        if isinstance(value, torch.Tensor):
+            value = value.detach()
+            self._device_total = value * n if self._device_total is None else self._device_total + value * n
+        else:
+            self.total += value * n
+        self.deque.append(value)
+        self.count += n
+
+    def _to_host(self):
+        if self._device_total is None:
+            return
+        window = list(self.deque)
+        on_device = [v for v in window if isinstance(v, torch.Tensor)] + [self._device_total]
+        host_values = torch.stack([v.float().reshape(()) for v in on_device]).tolist()
+        self.total += host_values.pop()
+        self._device_total = None
+        host_values = iter(host_values)
+        self.deque.clear()
+        self.deque.extend(next(host_values) if isinstance(v, torch.Tensor) else v for v in window)
+
+    def synchronize_between_processes(self):
+        """Sum count and total over all processes (the window stays local)."""
+        if not is_dist_avail_and_initialized():
+            return
+        self._to_host()
+        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        t = torch.tensor([self.count, self.total], dtype=torch.float64, device=device)
+        dist.barrier()
+        dist.all_reduce(t)
+        self.count = int(t[0].item())
+        self.total = t[1].item()
+
+    @property
+    def median(self):
+        self._to_host()
+        return sorted(self.deque)[(len(self.deque) - 1) // 2]  # the lower median, like torch.median
+
+    @property
+    def avg(self):
+        self._to_host()
+        return sum(self.deque) / len(self.deque)
+
+    @property
+    def global_avg(self):
+        self._to_host()
+        return self.total / self.count
+
+    @property
+    def max(self):
+        self._to_host()
+        return max(self.deque)
+
+    @property
+    def value(self):
+        self._to_host()
+        return self.deque[-1]
+
+    def __str__(self):
+        return self.fmt.format(
+            median=self.median, avg=self.avg, global_avg=self.global_avg, max=self.max, value=self.value
+        )
+
+
+class MetricLogger:
+    def __init__(self, delimiter="\t"):
+        self.meters = defaultdict(SmoothedValue)
+        self.delimiter = delimiter
+
+    def update(self, **kwargs):
+        for name, value in kwargs.items():
+            if value is None:
+                continue
+            if not isinstance(value, (torch.Tensor, float, int)):
+                raise TypeError(f"MetricLogger.update({name}=...) expects a number or a tensor, got {type(value)}")
+            self.meters[name].update(value)
+
+    def __getattr__(self, attr):
+        if attr in self.__dict__.get("meters", {}):
+            return self.meters[attr]
+        raise AttributeError(f"'{type(self).__name__}' object has no attribute '{attr}'")
+
+    def __str__(self):
+        return self.delimiter.join(f"{name}: {meter}" for name, meter in self.meters.items())
+
+    def synchronize_between_processes(self):
+        for meter in self.meters.values():
+            meter.synchronize_between_processes()
+
+    def add_meter(self, name, meter):
+        self.meters[name] = meter
+
+    def log_every(self, iterable, print_freq, header=None):
+        """Yield from iterable, printing torchvision's progress line every print_freq iterations and at the end."""
+        header = header or ""
+        start_time = time.time()
+        end = time.time()
+        iter_time = SmoothedValue(fmt="{avg:.4f}")
+        data_time = SmoothedValue(fmt="{avg:.4f}")
+        total = len(iterable)
+        counter = "[{0:" + str(len(str(total))) + "d}/{1}]"
+        parts = [header, counter, "eta: {eta}", "{meters}", "time: {time}", "data: {data}"]
+        if torch.cuda.is_available():
+            parts.append("max mem: {memory:.0f}")
+        for i, obj in enumerate(iterable):
+            data_time.update(time.time() - end)
+            yield obj
+            iter_time.update(time.time() - end)
+            if i % print_freq == 0 or i == total - 1:
+                eta = datetime.timedelta(seconds=int(iter_time.global_avg * (total - i)))
+                fields = {"meters": str(self), "time": str(iter_time), "data": str(data_time), "eta": str(eta)}
+                if torch.cuda.is_available():
+                    fields["memory"] = torch.cuda.max_memory_allocated() / (1024 * 1024)
+                # Meters may be empty (nothing logged yet): drop empty parts instead of doubling the delimiter.
+                line = self.delimiter.join(p for p in parts if p and (p != "{meters}" or self.meters))
+                print(line.format(i, total, **fields))
+            end = time.time()
+        total_time = time.time() - start_time
+        total_time_str = str(datetime.timedelta(seconds=int(total_time)))
+        print(f"{header} Total time: {total_time_str} ({total_time / max(total, 1):.4f} s / it)".lstrip())
+
+
+def collate_fn(batch):
+    return tuple(zip(*batch))
+
+
+def mkdir(path):
+    os.makedirs(path, exist_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------- distributed
+
+
+class DistributedSetupError(RuntimeError):
+    """The launch environment cannot form a process group (reported in one line)."""
+
+
+def is_dist_avail_and_initialized():
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_world_size():
+    return dist.get_world_size() if is_dist_avail_and_initialized() else 1
+
+
+def get_rank():
+    return dist.get_rank() if is_dist_avail_and_initialized() else 0
+
+
+def is_main_process():
+    return get_rank() == 0
+
+
+def barrier():
+    if is_dist_avail_and_initialized():
+        dist.barrier()
+
+
+def all_gather(data):
+    """Gather any picklable object from every process; returns a list with one entry per rank."""
+    if get_world_size() == 1:
+        return [data]
+    gathered = [None] * get_world_size()
+    dist.all_gather_object(gathered, data)
+    return gathered
+
+
+def reduce_dict(input_dict, average=True):
+    """Sum (or average) a dict of scalar tensors over all processes; every process gets the same result."""
+    world_size = get_world_size()
+    if world_size < 2:
+        return input_dict
+    with torch.no_grad():
+        names = sorted(input_dict.keys())  # same order on every rank
+        values = torch.stack([input_dict[k] for k in names])
+        dist.all_reduce(values)
+        if average:
+            values /= world_size
+        return dict(zip(names, values))
+
+
+def setup_for_distributed(is_master):
+    """Silence print() on every process but the master; print(..., force=True) still prints everywhere."""
+    builtin_print = builtins.print
+
+    def print(*args, **kwargs):
+        force = kwargs.pop("force", False)
+        if is_master or force:
+            builtin_print(*args, **kwargs)
+
+    builtins.print = print
+
+
+def _launch_environment():
+    """(rank, world_size, local_rank) from torchrun or SLURM, or None when not launched distributed."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+    if "SLURM_PROCID" in env:
+        return int(env["SLURM_PROCID"]), int(env.get("SLURM_NTASKS", 1)), int(env.get("SLURM_LOCALID", 0))
+    return None
+
+
+def init_distributed_mode(args):
+    """Join the process group described by torchrun's or SLURM's environment; sets args.distributed/rank/gpu."""
+    launch = _launch_environment()
+    if launch is None:
+        print("Not using distributed mode")
+        args.distributed = False
+        return
+    args.rank, args.world_size, args.gpu = launch
+    if args.dist_url == "env://":
+        missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+        if missing:
+            raise DistributedSetupError(
+                f"--dist-url env:// needs {' and '.join(missing)} in the environment (torchrun sets them; under "
+                "SLURM export MASTER_ADDR=<first node's hostname> MASTER_PORT=<free port>)"
+            )
+    args.distributed = True
+    on_cuda = torch.device(args.device).type == "cuda"
+    args.dist_backend = "nccl" if on_cuda else "gloo"
+    device_id = None
+    if on_cuda:
+        torch.cuda.set_device(args.gpu)
+        device_id = torch.device("cuda", args.gpu)
+    print(f"| distributed init (rank {args.rank}): {args.dist_url}", flush=True)
+    dist.init_process_group(
+        backend=args.dist_backend, init_method=args.dist_url, world_size=args.world_size, rank=args.rank,
+        device_id=device_id,
+    )
+    dist.barrier()
+    setup_for_distributed(args.rank == 0)
+
+
+# ------------------------------------------------------------------------------------------ crash-safe writes
+
+
+def _fsync_directory(directory):
+    """Make a rename durable: the directory entry must reach the disk too (POSIX only)."""
+    if os.name != "posix":
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _replace_atomically(path, write):
+    """Write through write(binary_file) into a temporary file next to path, then rename it onto path.
+
+    Readers see either the old file or the complete new one. On any failure (disk full, interrupt) the temporary
+    file is removed and the old file is left untouched.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except BaseException as error:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp_path)
+        os_error = _first_os_error(error)
+        if os_error is not None:
+            raise OSError(os_error.errno, f"cannot write {path}: {os_error.strerror}") from error
+        raise
+    _fsync_directory(directory)
+
+
+def _first_os_error(error):
+    """The OSError behind a failure, if any: torch.save reports a full disk as a RuntimeError about zip positions,
+    raised while handling the original OSError."""
+    while error is not None:
+        if isinstance(error, OSError):
+            return error
+        error = error.__context__
+    return None
+
+
+def save_atomic(obj, path):
+    """torch.save(obj, path), crash-safe: path holds either the previous file or the complete new one."""
+    _replace_atomically(path, lambda f: torch.save(obj, f))
+
+
+def write_text_atomic(path, text):
+    _replace_atomically(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def append_jsonl(path, record):
+    """Append one JSON line and make it durable. A crash mid-append can only tear that line; the next append
+    drops such a torn tail, so every earlier line stays intact and the file stays one record per line."""
+    line = (json.dumps(record) + "\n").encode("utf-8")
+    with open(path, "a+b") as f:
+        f.seek(0)
+        content = f.read()
+        complete = content.rfind(b"\n") + 1
+        if complete < len(content):
+            f.truncate(complete)
+        f.write(line)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# ----------------------------------------------------------------------------------------------------- RNG
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def get_rng_state():
+    """The state of torch (CPU and CUDA), numpy and random as tensors and plain Python data, so a checkpoint
+    holding it loads with torch.load(weights_only=True)."""
+    algorithm, keys, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
+    version, internal_state, gauss_next = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {
+            "algorithm": algorithm,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
+        "random": [version, list(internal_state), gauss_next],
+    }
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"].cpu())
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    numpy_state = state["numpy"]
+    np.random.set_state((
+        numpy_state["algorithm"],
+        numpy_state["keys"].numpy().astype(np.uint32),
+        numpy_state["pos"],
+        numpy_state["has_gauss"],
+        numpy_state["cached_gaussian"],
+    ))
+    version, internal_state, gauss_next = state["random"]
+    random.setstate((version, tuple(internal_state), gauss_next))
