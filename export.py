@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import models
-from predict import UsageError, load_detector, read_image
+from predict import UNREADABLE_IMAGE_ERRORS, UsageError, check_score_thresh, load_detector, read_image
 
 INPUT_NAMES = ["images"]
 OUTPUT_NAMES = ["boxes", "scores", "labels", "num_detections"]
@@ -34,6 +34,8 @@ OUTPUT_NAMES = ["boxes", "scores", "labels", "num_detections"]
 # between two runtimes (about 1e-4 px measured); likewise for scores.
 BOX_TOLERANCE = 0.05
 SCORE_TOLERANCE = 5e-4
+# torch's exporter writes opset 18 and converts up from there; onnx cannot convert it down (measured, torch 2.14).
+MIN_OPSET = 18
 
 
 def require(module, package):
@@ -60,17 +62,19 @@ class DetectionPipeline(torch.nn.Module):
 def onnx_translations():
     """ONNX for the model's custom ops: ssd::nms_mask (per-image, per-class NMS as a [B, C, A] mask) becomes
     ONNX's NonMaxSuppression, which handles the batch and class dimensions itself."""
-    onnxscript = require("onnxscript", "onnxscript")
-    op = onnxscript.opset18
+    op = require("onnxscript", "onnxscript").opset18
+    bool_type = require("onnx", "onnx").TensorProto.BOOL
 
     def nms_mask(boxes, scores, iou_threshold: float, max_kept: int):
         # max_kept only lets PyTorch stop early; keeping every NMS survivor selects the same best max_kept.
+        # ONNX reads boxes as (y1, x1, y2, x2); IoU is the same with x and y swapped, so XYXY boxes go as they are.
         selected = op.NonMaxSuppression(  # [M, 3] rows of (image, class, anchor); zero scores are not candidates
             boxes, scores, op.Constant(value_ints=[2**31 - 1]), op.Constant(value_floats=[iou_threshold]),
             op.Constant(value_floats=[0.0]),
         )
         ones = op.Expand(op.Constant(value_floats=[1.0]), op.Shape(selected, start=0, end=1))
-        return op.Cast(op.ScatterND(op.ConstantOfShape(op.Shape(scores)), selected, ones), to=require("onnx", "onnx").TensorProto.BOOL)
+        mask = op.ScatterND(op.ConstantOfShape(op.Shape(scores)), selected, ones)
+        return op.Cast(mask, to=bool_type)
 
     return {torch.ops.ssd.nms_mask.default: nms_mask}
 
@@ -105,7 +109,7 @@ def load_check_batch(paths, size, count=3, seed=0):
         return F.interpolate(coarse, size=size, mode="bilinear", align_corners=False)
     try:
         images = [read_image(path).float().div(255) for path in paths]
-    except OSError as error:
+    except UNREADABLE_IMAGE_ERRORS as error:
         raise UsageError(f"--check: cannot read an image: {error}") from None
     return torch.cat([F.interpolate(image[None], size=size, mode="bilinear", align_corners=False) for image in images])
 
@@ -148,7 +152,8 @@ def compare(references, output, batch):
         same = matched == len(reference["boxes"]) == count
         all_match &= same
         print(f"image {index}: PyTorch {len(reference['boxes'])} detections, ONNX {count}, matched {matched}; "
-              f"max |box diff| {worst_box:.1e} px, max |score diff| {worst_score:.1e} -> {'OK' if same else 'MISMATCH'}")
+              f"max |box diff| {worst_box:.1e} px, max |score diff| {worst_score:.1e} "
+              f"-> {'OK' if same else 'MISMATCH'}")
     return all_match
 
 
@@ -159,7 +164,8 @@ def get_args_parser():
     parser.add_argument("--output", required=True, help="ONNX file to write")
     parser.add_argument("--check", nargs="*", default=[], metavar="IMAGE",
                         help="images to compare onnxruntime with PyTorch on (default: 3 synthetic images)")
-    parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    parser.add_argument("--opset", type=int, default=None,
+                        help=f"ONNX opset, at least {MIN_OPSET} (default: the exporter's, 20 with torch 2.14)")
     parser.add_argument("--score-thresh", type=float, default=None,
                         help="score threshold baked into the graph (default: the model's, kept low for evaluation)")
     return parser
@@ -168,8 +174,11 @@ def get_args_parser():
 def main(args):
     for module, package in (("onnx", "onnx"), ("onnxscript", "onnxscript"), ("onnxruntime", "onnxruntime")):
         require(module, package)
+    if args.opset is not None and args.opset < MIN_OPSET:
+        raise UsageError(f"--opset {args.opset}: the exporter writes opset {MIN_OPSET} or newer")
     model, model_name, class_names = load_detector(args.model, args.weights)
     if args.score_thresh is not None:
+        check_score_thresh(args.score_thresh)
         model.score_thresh = args.score_thresh
     batch = load_check_batch(args.check, model.size)
     # The reference is the model's normal eval path (list in, per-image dicts out), so the check covers the whole
@@ -184,6 +193,9 @@ def main(args):
     })
     print(f"wrote {args.output} ({os.path.getsize(args.output) / 1e6:.1f} MB) in {time.time() - start:.0f} s")
 
+    if not any(len(reference["scores"]) for reference in references):
+        print("note: no detection above the score threshold on these images, so only empty outputs were compared; "
+              "give --check images with objects or a lower --score-thresh for a stronger check")
     if not compare(references, args.output, batch):
         sys.exit(f"export.py: {args.output} does not reproduce the PyTorch detections (see above)")
     print(f"{args.output} reproduces the PyTorch detections on {len(batch)} images")

@@ -33,7 +33,8 @@ def read_log(log_path):
                 print(f"{log_path}:{line_number}: skipping a line that is not complete JSON", file=sys.stderr)
                 continue
             if not isinstance(record, dict) or not REQUIRED_KEYS <= record.keys():
-                raise ValueError(f"{log_path}:{line_number}: not an epoch record (needs {', '.join(sorted(REQUIRED_KEYS))})")
+                needed = ", ".join(sorted(REQUIRED_KEYS))
+                raise ValueError(f"{log_path}:{line_number}: not an epoch record (needs {needed})")
             records[record["epoch"]] = record
     return [records[epoch] for epoch in sorted(records)]
 

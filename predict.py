@@ -25,6 +25,8 @@ from torchvision.utils import draw_bounding_boxes
 
 import models
 
+# What PIL raises for a file that is not a readable image (missing, truncated, unknown format, too large).
+UNREADABLE_IMAGE_ERRORS = (OSError, ValueError, Image.DecompressionBombError)
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 # matplotlib (a core requirement) ships DejaVu Sans: a scalable font that is always there, no download needed.
 FONT_PATH = os.path.join(matplotlib.get_data_path(), "fonts", "ttf", "DejaVuSans.ttf")
@@ -60,13 +62,17 @@ def load_detector(model_name, weights, device="cpu"):
     model_name may be None when the weights say which model they belong to. Returns (model in eval mode on device,
     model name, {label: class name}); labels without a name are shown as their number.
     """
+    if model_name is not None and model_name not in models.list_models():
+        raise UsageError(f"--model {model_name}: unknown model; valid names: {', '.join(models.list_models())}")
     saved_model_name, class_names = read_weights_metadata(weights)
     if model_name is None:
         if saved_model_name is None:
             raise UsageError(f"--model is required: --weights {weights} does not say which model it belongs to")
         model_name = saved_model_name
     elif saved_model_name is not None and saved_model_name != model_name:
-        raise UsageError(f"--model {model_name} does not match --weights {weights}, which belongs to {saved_model_name}")
+        raise UsageError(
+            f"--model {model_name} does not match --weights {weights}, which belongs to {saved_model_name}"
+        )
     model = models.get_model(model_name, weights=weights)
     return model.eval().to(device), model_name, class_names
 
@@ -162,7 +168,8 @@ def save_picture(image, path):
 
 def detection_records(output, class_names):
     return [
-        {"box": [round(v, 2) for v in box], "score": round(score, 4), "label": label, "name": class_names.get(label, str(label))}
+        {"box": [round(v, 2) for v in box], "score": round(score, 4), "label": label,
+         "name": class_names.get(label, str(label))}
         for box, score, label in zip(output["boxes"].tolist(), output["scores"].tolist(), output["labels"].tolist())
     ]
 
@@ -184,7 +191,7 @@ def read_batches(images, batch_size):
     for consumed, (path, picture_name) in enumerate(images, start=1):
         try:
             batch.append((path, picture_name, read_image(path)))
-        except (OSError, ValueError, Image.DecompressionBombError) as error:
+        except UNREADABLE_IMAGE_ERRORS as error:
             print(f"skipping {path}: cannot read it as an image ({error})", file=sys.stderr)
             continue
         if len(batch) == batch_size:
@@ -214,18 +221,23 @@ def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files and/or folders (searched recursively)")
     parser.add_argument("--model", default=None, help="model name; optional when the checkpoint names it")
-    parser.add_argument("--weights", required=True, help="checkpoint file (train.py's model_N.pth, a state_dict) or a torchvision weights name")
+    parser.add_argument("--weights", required=True,
+                        help="checkpoint file (train.py's model_N.pth, a state_dict) or a torchvision weights name")
     parser.add_argument("--output-dir", required=True, help="folder for the pictures and detections.json")
-    parser.add_argument("--score-thresh", type=float, default=0.5, help="keep detections scoring at least this")
+    parser.add_argument("--score-thresh", type=float, default=0.5, help="keep detections scoring above this")
     parser.add_argument("--device", default="cpu", help="e.g. cpu, cuda, cuda:1")
     parser.add_argument("-b", "--batch-size", type=int, default=8, help="images per forward pass")
     parser.add_argument("--print-freq", type=int, default=20, help="print progress every N images")
     return parser
 
 
+def check_score_thresh(score_thresh):
+    if not 0.0 <= score_thresh < 1.0:
+        raise UsageError(f"--score-thresh {score_thresh}: must be at least 0 and below 1")
+
+
 def validate_args(args):
-    if not 0.0 <= args.score_thresh <= 1.0:
-        raise UsageError(f"--score-thresh {args.score_thresh}: must be between 0 and 1")
+    check_score_thresh(args.score_thresh)
     if args.batch_size < 1 or args.print_freq < 1:
         raise UsageError("--batch-size and --print-freq must be at least 1")
     try:
@@ -238,7 +250,8 @@ def main(args):
     validate_args(args)
     images = find_images(args.inputs, args.output_dir)
     if not images:
-        raise UsageError(f"no image found in {' '.join(args.inputs)} (extensions: {' '.join(sorted(IMAGE_EXTENSIONS))})")
+        extensions = " ".join(sorted(IMAGE_EXTENSIONS))
+        raise UsageError(f"no image found in {' '.join(args.inputs)} (extensions: {extensions})")
     model, model_name, class_names = load_detector(args.model, args.weights, args.device)
     model.score_thresh = args.score_thresh
     os.makedirs(args.output_dir, exist_ok=True)

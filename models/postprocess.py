@@ -39,9 +39,8 @@ def postprocess_detections(
     num_images, num_anchors, num_classes = cls_logits.shape
     capturing = torch.jit.is_tracing() or torch.compiler.is_compiling()
     image_idx, anchor_idx, labels, scores = select_candidates(cls_logits, score_thresh, topk_candidates)
-    # By image, then by decreasing score; equal scores keep the candidates' order.
-    order = _stable_argsort(scores, descending=True, capturing=capturing)
-    order = order[_stable_argsort(image_idx[order], descending=False, capturing=capturing)]
+    # ONNX has no stable sort, but its TopK, which an exported sort becomes, orders ties by index.
+    order = _by_image_then_score(image_idx, scores, stable=not capturing)
     image_idx, anchor_idx, labels, scores = image_idx[order], anchor_idx[order], labels[order], scores[order]
 
     deltas = bbox_regression.reshape(-1, 4).index_select(0, image_idx * num_anchors + anchor_idx)
@@ -54,62 +53,11 @@ def postprocess_detections(
         kept = torch.ops.ssd.nms_mask(all_boxes, dense_scores, nms_thresh, detections_per_img)
         keep = torch.where(kept[image_idx, labels, anchor_idx])[0]
     else:
-        keep = first_kept_per_image(boxes, scores, labels * (max(image_size) + 1.0), image_idx, num_images,
-                                    nms_thresh, detections_per_img)
+        # Class c moves by c * (longest side + 1), so that classes never overlap in one NMS call per image.
+        class_offsets = labels * (max(image_size) + 1.0)
+        keep = first_kept_per_image(boxes, scores, class_offsets, image_idx, num_images, nms_thresh,
+                                    detections_per_img)
     return _to_slots(keep, image_idx, (boxes, scores, labels), num_images, detections_per_img)
-
-
-@torch.library.custom_op("ssd::nms_mask", mutates_args=())
-def nms_mask(boxes: Tensor, scores: Tensor, iou_threshold: float, max_kept: int) -> Tensor:
-    """Per-image, per-class greedy NMS of boxes [B, A, 4] scored by scores [B, C, A] (0: not a candidate),
-    as a [B, C, A] mask of the kept ones. Only each image's best max_kept survivors are marked (no other
-    can make its top max_kept); an exported graph may mark them all."""
-    image_idx, labels, anchor_idx = torch.where(scores > 0)  # (image, class, anchor) order
-    candidate_scores = scores[image_idx, labels, anchor_idx]
-    order = candidate_scores.sort(descending=True, stable=True).indices
-    order = order[image_idx[order].sort(stable=True).indices]
-    image_idx, labels, anchor_idx = image_idx[order], labels[order], anchor_idx[order]
-    class_offset = boxes.amax() - boxes.amin() + 1  # wider than any box: classes cannot overlap
-    keep = first_kept_per_image(boxes[image_idx, anchor_idx], candidate_scores[order], labels * class_offset,
-                                image_idx, scores.shape[0], iou_threshold, max_kept)
-    mask = torch.zeros_like(scores, dtype=torch.bool)
-    mask[image_idx[keep], labels[keep], anchor_idx[keep]] = True
-    return mask
-
-
-@nms_mask.register_fake
-def _(boxes: Tensor, scores: Tensor, iou_threshold: float, max_kept: int) -> Tensor:
-    return torch.empty_like(scores, dtype=torch.bool)
-
-
-def _stable_argsort(values: Tensor, descending: bool, capturing: bool) -> Tensor:
-    if capturing:
-        # ONNX has no stable sort, but its TopK, which an exported sort becomes, orders ties by index.
-        return values.sort(descending=descending).indices
-    return values.sort(descending=descending, stable=True).indices
-
-
-def _clip(boxes: Tensor, image_size: tuple[int, int]) -> Tensor:
-    height, width = image_size
-    x1, y1, x2, y2 = boxes.unbind(-1)
-    return torch.stack((x1.clamp(0, width), y1.clamp(0, height), x2.clamp(0, width), y2.clamp(0, height)), -1)
-
-
-def _to_slots(keep: Tensor, image_idx: Tensor, columns, num_images: int, slots: int):
-    """Scatter the first `slots` kept detections of each image (keep: grouped by image, best first) into
-    zero-padded [B, slots] tensors, plus the mask of filled slots."""
-    image_of_keep = image_idx[keep]
-    kept_per_image = _count(image_of_keep, num_images)
-    first_of_image = kept_per_image.cumsum(0) - kept_per_image
-    slot = torch.arange(keep.shape[0], device=keep.device) - first_of_image[image_of_keep]
-    inside = slot < slots
-    keep, image_of_keep, slot = keep[inside], image_of_keep[inside], slot[inside]
-    padded = []
-    for values in (*(column[keep] for column in columns), torch.ones_like(keep, dtype=torch.bool)):
-        out = values.new_zeros((num_images, slots) + values.shape[1:])
-        out[image_of_keep, slot] = values
-        padded.append(out)
-    return tuple(padded)
 
 
 def select_candidates(cls_logits: Tensor, score_thresh: float, topk: int):
@@ -126,14 +74,13 @@ def select_candidates(cls_logits: Tensor, score_thresh: float, topk: int):
     row_image = rows // num_anchors
 
     row, label = torch.where(probs > score_thresh)
-    foreground = label > 0
-    row, label = row[foreground], label[foreground]
     # Groups (image, label) with more than topk candidates get their topk best from a dense topk instead.
     group = row_image[row] * num_classes + label
     group_size = _count(group, num_images * num_classes)
-    uncrowded = group_size[group] <= topk
-    row, label = row[uncrowded], label[uncrowded]
-    crowded = torch.where(group_size > topk)[0]
+    selected = (label > 0) & (group_size[group] <= topk)
+    row, label = row[selected], label[selected]
+    is_background = torch.arange(num_images * num_classes, device=group.device) % num_classes == 0
+    crowded = torch.where((group_size > topk) & ~is_background)[0]
     crowded_image, crowded_label = crowded // num_classes, crowded % num_classes
     rows_per_image = _count(row_image, num_images)
     first_row = rows_per_image.cumsum(0) - rows_per_image
@@ -161,8 +108,22 @@ def _top_rows(probs: Tensor, labels: Tensor, first_row: Tensor, num_rows: Tensor
     offsets = torch.arange(num_anchors, device=probs.device)
     inside = offsets < num_rows[:, None]  # [G, A]
     rows = torch.where(inside, first_row[:, None] + offsets, 0)
-    columns = torch.where(inside, probs[rows, labels[:, None]], -1.0)
+    columns = probs.flatten().index_select(0, (rows * probs.shape[1] + labels[:, None]).flatten())
+    columns = torch.where(inside, columns.view_as(rows), -1.0)
     return first_row[:, None] + columns.topk(min(topk, num_anchors), dim=1).indices
+
+
+def _by_image_then_score(image_idx: Tensor, scores: Tensor, stable: bool = True) -> Tensor:
+    """The order that groups candidates by image, best score first; equal scores keep their order when
+    stable. One sort of a float64 key, in which image * 2 - score is exact."""
+    key = image_idx.double() * 2 - scores.double()
+    return key.sort(stable=True).indices if stable else key.sort().indices
+
+
+def _clip(boxes: Tensor, image_size: tuple[int, int]) -> Tensor:
+    height, width = image_size
+    x1, y1, x2, y2 = boxes.unbind(-1)
+    return torch.stack((x1.clamp(0, width), y1.clamp(0, height), x2.clamp(0, width), y2.clamp(0, height)), -1)
 
 
 def first_kept_per_image(boxes: Tensor, scores: Tensor, class_offsets: Tensor, image_idx: Tensor, num_images: int,
@@ -170,32 +131,70 @@ def first_kept_per_image(boxes: Tensor, scores: Tensor, class_offsets: Tensor, i
     """Indices of the first max_kept boxes of each image that per-class greedy NMS keeps, for candidates
     sorted by image, then by decreasing score; class_offsets [N] moves each class to its own region.
 
-    One NMS call per image: a call costs about (number of boxes) * (number kept), so splitting by image
-    keeps it linear in the batch size.
-    """
-    return torch.cat([
-        candidates[_first_kept(boxes[candidates], scores[candidates], class_offsets[candidates], iou_thresh, max_kept)]
-        for candidates in (torch.where(image_idx == image)[0] for image in range(num_images))
-    ])
-
-
-def _first_kept(boxes: Tensor, scores: Tensor, class_offsets: Tensor, iou_thresh: float, max_kept: int) -> Tensor:
-    """Positions of the first max_kept boxes that per-class greedy NMS keeps, for boxes sorted by
-    decreasing score.
-
-    Greedy NMS decides each box from higher-scored boxes only, so NMS on the best n boxes gives the final
-    decisions for those n: start with 3 * max_kept boxes and widen while too few survive (this saves most
-    of the work when thousands of candidates pass the score threshold). Coordinates are moved in float64,
-    where the offsets are exact (in float32 they would round, which can flip decisions next to the
-    threshold).
+    One NMS call per image, as a call costs about (number of boxes) * (number kept). Coordinates are moved
+    in float64, where the offsets are exact (in float32 they would round, which can flip decisions next to
+    the threshold).
     """
     moved = boxes.double() + class_offsets.double()[:, None]
     scores = scores.double()
+    keep, start = [], 0
+    for count in _count(image_idx, num_images).tolist():  # images are contiguous runs of candidates
+        keep.append(start + _first_kept(moved[start:start + count], scores[start:start + count], iou_thresh, max_kept))
+        start += count
+    return torch.cat(keep)
+
+
+def _first_kept(boxes: Tensor, scores: Tensor, iou_thresh: float, max_kept: int) -> Tensor:
+    """Positions of the first max_kept boxes that greedy NMS keeps, for boxes sorted by decreasing score.
+
+    Greedy NMS decides each box from higher-scored boxes only, so NMS on the best n boxes gives the final
+    decisions for those n: start with 3 * max_kept boxes and widen while too few survive (this saves most
+    of the work when thousands of candidates pass the score threshold).
+    """
     total = scores.shape[0]
     n = min(total, 3 * max_kept)
     while True:
-        kept = nms(moved[:n], scores[:n], iou_thresh)
+        kept = nms(boxes[:n], scores[:n], iou_thresh)
         if n == total or kept.shape[0] >= max_kept:
             return kept.sort().values[:max_kept]
         # The share kept so far predicts how many boxes yield max_kept survivors; aim 25% above that.
         n = min(total, math.ceil(1.25 * max_kept * n / kept.shape[0]))
+
+
+@torch.library.custom_op("ssd::nms_mask", mutates_args=())
+def nms_mask(boxes: Tensor, scores: Tensor, iou_threshold: float, max_kept: int) -> Tensor:
+    """Per-image, per-class greedy NMS of boxes [B, A, 4] scored by scores [B, C, A] (0: not a candidate),
+    as a [B, C, A] mask of the kept ones. Only each image's best max_kept survivors are marked (no other
+    can make its top max_kept); an exported graph may mark them all."""
+    image_idx, labels, anchor_idx = torch.where(scores > 0)  # (image, class, anchor) order
+    candidate_scores = scores[image_idx, labels, anchor_idx]
+    order = _by_image_then_score(image_idx, candidate_scores)
+    image_idx, labels, anchor_idx = image_idx[order], labels[order], anchor_idx[order]
+    class_offset = boxes.amax() - boxes.amin() + 1  # wider than any box: classes cannot overlap
+    keep = first_kept_per_image(boxes[image_idx, anchor_idx], candidate_scores[order], labels * class_offset,
+                                image_idx, scores.shape[0], iou_threshold, max_kept)
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    mask[image_idx[keep], labels[keep], anchor_idx[keep]] = True
+    return mask
+
+
+@nms_mask.register_fake
+def _(boxes: Tensor, scores: Tensor, iou_threshold: float, max_kept: int) -> Tensor:
+    return torch.empty_like(scores, dtype=torch.bool)
+
+
+def _to_slots(keep: Tensor, image_idx: Tensor, columns, num_images: int, slots: int):
+    """Scatter the first `slots` kept detections of each image (keep: grouped by image, best first) into
+    zero-padded [B, slots] tensors, plus the mask of filled slots."""
+    image_of_keep = image_idx[keep]
+    kept_per_image = _count(image_of_keep, num_images)
+    first_of_image = kept_per_image.cumsum(0) - kept_per_image
+    slot = torch.arange(keep.shape[0], device=keep.device) - first_of_image[image_of_keep]
+    inside = slot < slots
+    keep, image_of_keep, slot = keep[inside], image_of_keep[inside], slot[inside]
+    padded = []
+    for values in (*(column[keep] for column in columns), torch.ones_like(keep, dtype=torch.bool)):
+        out = values.new_zeros((num_images, slots) + values.shape[1:])
+        out[image_of_keep, slot] = values
+        padded.append(out)
+    return tuple(padded)

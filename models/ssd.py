@@ -307,10 +307,8 @@ def model_weights(weights, torchvision_model: str, num_classes: int | None, clas
         raise ValueError(f"num_classes must be an integer >= 2 (background included), got {num_classes}")
     if weights is None:
         return None, None, num_classes or 91
-    state_dict, source, trained_classes = load_weights(weights, torchvision_model)
+    state_dict, source, trained_classes = load_weights(weights, torchvision_model, num_classes)
     if trained_classes is not None:
-        if num_classes not in (None, trained_classes):
-            raise WeightsError(f"{source} predicts {trained_classes} classes, num_classes={num_classes} does not fit")
         return state_dict, source, trained_classes
     if num_classes is None:
         if class_key not in state_dict:

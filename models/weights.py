@@ -37,12 +37,13 @@ def load_checkpoint_file(path) -> dict:
     return checkpoint
 
 
-def load_weights(spec, torchvision_model: str) -> tuple[dict, str, int | None]:
+def load_weights(spec, torchvision_model: str, num_classes: int | None = None) -> tuple[dict, str, int | None]:
     """Read the weights named by spec: one of torchvision's weights for the model named torchvision_model
     (the enum member or its name, e.g. "SSD300_VGG16_Weights.COCO_V1"), or the path of a state_dict or of a
     training checkpoint holding one under "model".
 
     Returns (state_dict, where it came from, number of categories for torchvision weights else None).
+    torchvision weights made for other than num_classes categories (if given) are refused before download.
     """
     if isinstance(spec, os.PathLike) or (isinstance(spec, str) and _looks_like_path(spec)):
         checkpoint = load_checkpoint_file(spec)
@@ -50,6 +51,10 @@ def load_weights(spec, torchvision_model: str) -> tuple[dict, str, int | None]:
         return state_dict, f"weights file '{os.fspath(spec)}'", None
 
     weights = _torchvision_weights(spec, torchvision_model)
+    categories = weights.meta.get("categories")
+    num_categories = len(categories) if categories else None
+    if num_classes not in (None, num_categories):
+        raise WeightsError(f"{weights} predicts {num_categories} classes, num_classes={num_classes} does not fit")
     try:
         state_dict = torch.hub.load_state_dict_from_url(
             weights.url, map_location="cpu", progress=True, check_hash=True, weights_only=True
@@ -57,8 +62,7 @@ def load_weights(spec, torchvision_model: str) -> tuple[dict, str, int | None]:
     except Exception as error:
         first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise WeightsError(f"could not get {weights} from {weights.url}: {first_line}") from None
-    categories = weights.meta.get("categories")
-    return state_dict, str(weights), len(categories) if categories else None
+    return state_dict, str(weights), num_categories
 
 
 def _looks_like_path(spec: str) -> bool:

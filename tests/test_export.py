@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import export
-from conftest import LITE, assert_ok, run_script
+from conftest import LITE
 from test_predict import CATEGORIES, save_lively_checkpoint
 
 onnxruntime = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install onnxruntime)")
@@ -14,16 +14,18 @@ import onnx  # noqa: E402  (installed with onnxruntime in requirements-dev.txt)
 SCORE_THRESH = 0.5
 
 
-def test_export_round_trip_matches_pytorch(tmp_path):
+def test_export_round_trip_matches_pytorch(tmp_path, capsys):
     checkpoint = tmp_path / "model_0.pth"
     model = save_lively_checkpoint(checkpoint)
     output = tmp_path / "ssdlite.onnx"
 
+    # In-process rather than a subprocess: the export itself takes most of this test's time, so skip the start-up.
     # Exported with an example batch of 2, checked by the script on 3 synthetic images.
-    result = run_script("export.py", "--weights", checkpoint, "--output", output, "--score-thresh", SCORE_THRESH)
-    assert_ok(result)
-    assert result.stdout.count("-> OK") == 3, result.stdout
-    assert "reproduces the PyTorch detections on 3 images" in result.stdout
+    args = ["--weights", str(checkpoint), "--output", str(output), "--score-thresh", str(SCORE_THRESH)]
+    export.main(export.get_args_parser().parse_args(args))
+    printed = capsys.readouterr().out
+    assert printed.count("-> OK") == 3, printed
+    assert "reproduces the PyTorch detections on 3 images" in printed
 
     metadata = {prop.key: prop.value for prop in onnx.load(output).metadata_props}
     assert metadata["model"] == LITE and json.loads(metadata["input_size"]) == [320, 320]

@@ -104,7 +104,8 @@ def test_predict_writes_pictures_and_detections(lively, inputs, tmp_path):
         detections = record["detections"]
         assert len(detections) == len(reference["scores"]) > 0
         torch.testing.assert_close(torch.tensor([d["box"] for d in detections]), reference["boxes"], atol=0.01, rtol=0)
-        torch.testing.assert_close(torch.tensor([d["score"] for d in detections]), reference["scores"], atol=1e-4, rtol=0)
+        scores = torch.tensor([d["score"] for d in detections])
+        torch.testing.assert_close(scores, reference["scores"], atol=1e-4, rtol=0)
         assert [d["label"] for d in detections] == reference["labels"].tolist()
         assert all(d["name"] == CATEGORIES[d["label"]] and d["score"] >= SCORE_THRESH for d in detections)
         names = [d["name"] for d in detections]
