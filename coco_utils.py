@@ -271,8 +271,12 @@ def get_coco(root, image_set, transforms, use_v2=False):
 
     drop_images_without_boxes = image_set == "train"
     if use_v2:
-        return _get_coco_v2(img_folder, ann_file, transforms, drop_images_without_boxes)
-    return CocoDetection(img_folder, ann_file, transforms, drop_images_without_boxes)
+        dataset = _get_coco_v2(img_folder, ann_file, transforms, drop_images_without_boxes)
+    else:
+        dataset = CocoDetection(img_folder, ann_file, transforms, drop_images_without_boxes)
+    if drop_images_without_boxes and len(dataset) == 0:
+        raise DatasetError(f"{ann_file}: no training image has a usable box (non-crowd, positive width and height)")
+    return dataset
 
 
 def _unwrap(dataset):
