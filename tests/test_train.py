@@ -73,7 +73,8 @@ def test_torchrun_two_processes_trains_and_evaluates_like_one(trained_run, shape
     # 11 val images over 2 ranks: the sampler pads one repeat, which evaluation must drop.
     assert printed_ap(double.stdout) == printed_ap(single.stdout)
 
-    trained = run_script("train.py", *train_args(shapes_root, tmp_path / "ddp", epochs=1), launcher=torchrun(2))
+    trained = run_script("train.py", *train_args(shapes_root, tmp_path / "ddp", "--channels-last", epochs=1),
+                         launcher=torchrun(2))
     assert_ok(trained)
     assert printed_ap(trained.stdout) >= 0
     assert (tmp_path / "ddp" / "checkpoint.pth").is_file()
