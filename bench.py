@@ -73,6 +73,9 @@ class Sizes:
     repeats: int
     warmup: int
 
+    def largest_batch(self):
+        return max(self.train_batches + self.infer_batches + (self.postprocess_batch, self.loss_batch))
+
 
 FULL = Sizes(train_batches=(4, 16), infer_batches=(1, 8), postprocess_batch=8, loss_batch=16, data_images=160,
              eval_images=5000, detections_per_image=100, repeats=5, warmup=1)
@@ -86,7 +89,10 @@ def get_args_parser():
     parser.add_argument("--amp", action="store_true",
                         help="autocast the models: float16 on CUDA (with GradScaler); bfloat16 on CPU, which is "
                              "emulated and several times slower on CPUs without AVX512-BF16/AMX")
-    parser.add_argument("--channels-last", action="store_true", help="channels_last memory format for both models")
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                        help="channels_last (or, with --no-channels-last, the default layout) for both models; "
+                             "by default each side runs as its training script does: ours in train.py's memory "
+                             "format for the model and device, torchvision's in the default layout")
     parser.add_argument("--model", nargs="+", choices=MODEL_NAMES, default=list(MODEL_NAMES),
                         help="model(s) to benchmark (default: both)")
     parser.add_argument("--rows", nargs="+", choices=ROW_KINDS, default=list(ROW_KINDS),
@@ -136,8 +142,8 @@ def make_row(name, ours, theirs, unit, note=""):
             "speedup": 1.0 / ratio if unit in TIME_UNITS else ratio, "note": note}
 
 
-def throughput_row(name, count, seconds, unit):
-    return make_row(name, count / seconds[0], count / seconds[1], unit)
+def throughput_row(name, count, seconds, unit, note=""):
+    return make_row(name, count / seconds[0], count / seconds[1], unit, note)
 
 
 START = time.perf_counter()
@@ -271,8 +277,7 @@ def build_models(name, calibration_images, args):
     ours = models.get_model(name)
     state = copy.deepcopy(theirs.state_dict())
     ours.load_state_dict(state)
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    return ours.to(args.device, memory_format=memory_format), theirs.to(args.device, memory_format=memory_format), state
+    return ours.to(args.device), theirs.to(args.device), state
 
 
 def autocast(args):
@@ -286,16 +291,33 @@ def to_device(images, targets, device):
 
 @dataclass
 class ModelPair:
+    name: str
     ours: torch.nn.Module
     theirs: torch.nn.Module
     state: dict
+    device: torch.device
+    channels_last: bool | None  # the --channels-last flag
 
-    def fresh(self):
-        """Both models in eval mode with the shared weights again (timed training steps change them)."""
-        for model in (self.ours, self.theirs):
+    def fresh(self, training=False):
+        """Both models in eval mode with the shared weights again (timed training steps change them), in the memory
+        format of the work to time: without --channels-last or --no-channels-last, ours as our scripts run it for
+        training or inference and torchvision's in the default layout, as its reference scripts run it."""
+        for model, channels_last in ((self.ours, self.ours_channels_last(training)),
+                                     (self.theirs, bool(self.channels_last))):
+            model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
             model.load_state_dict(self.state)
             model.eval()
         return [self.ours, self.theirs]
+
+    def ours_channels_last(self, training):
+        if self.channels_last is None:
+            return models.prefers_channels_last(self.name, self.device, training)
+        return self.channels_last
+
+    def layout_note(self, training):
+        """Says when the two run in different memory formats."""
+        differs = self.ours_channels_last(training) != bool(self.channels_last)
+        return "ours channels_last, as our scripts run it here" if differs else ""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -306,9 +328,10 @@ def train_rows(short, pair, images, targets, args, sizes):
     rows = []
     for batch in sizes.train_batches:
         on_device = to_device(images[:batch], targets[:batch], args.device)
-        steps = [train_step_fn(model, *on_device, args) for model in pair.fresh()]
+        steps = [train_step_fn(model, *on_device, args) for model in pair.fresh(training=True)]
         seconds, _ = compare(steps, sizes, args.device)
-        rows.append(throughput_row(f"{short} training step, batch {batch}", batch, seconds, "img/s"))
+        rows.append(throughput_row(f"{short} training step, batch {batch}", batch, seconds, "img/s",
+                                   pair.layout_note(training=True)))
     return rows
 
 
@@ -334,7 +357,8 @@ def infer_rows(short, pair, images, targets, args, sizes):
         batch_images = [image.to(args.device) for image in images[:batch]]
         calls = [inference_fn(model, batch_images, args) for model in pair.fresh()]
         seconds, _ = compare(calls, sizes, args.device)
-        rows.append(throughput_row(f"{short} inference end to end, batch {batch}", batch, seconds, "img/s"))
+        rows.append(throughput_row(f"{short} inference end to end, batch {batch}", batch, seconds, "img/s",
+                                   pair.layout_note(training=False)))
     return rows
 
 
@@ -620,12 +644,14 @@ def main(args):
     started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        if args.data_path:
-            root = Path(args.data_path)
-        else:
-            log(f"writing {max(sizes.data_images, 16)} COCO-like JPEGs")
-            root = write_coco_like_images(Path(tmp) / "coco", max(sizes.data_images, 16))
-        rows += model_and_data_rows(root, args, sizes)
+        if set(args.rows) - {"eval"}:
+            if args.data_path:
+                root = Path(args.data_path)
+            else:
+                count = max(sizes.data_images, sizes.largest_batch())
+                log(f"writing {count} COCO-like JPEGs")
+                root = write_coco_like_images(Path(tmp) / "coco", count)
+            rows += model_and_data_rows(root, args, sizes)
     if "eval" in args.rows:
         log("COCO evaluation")
         rows += eval_rows(sizes, args.device)
@@ -648,9 +674,9 @@ def model_and_data_rows(root, args, sizes):
     for name in args.model if model_kinds else []:
         short = SHORT_NAMES[name]
         log(f"{short}: building both models")
-        count = max(sizes.train_batches + sizes.infer_batches + (sizes.postprocess_batch, sizes.loss_batch))
-        images, targets = load_samples(root, count)
-        pair = ModelPair(*build_models(name, images[:max(sizes.infer_batches)], args))
+        images, targets = load_samples(root, sizes.largest_batch())
+        pair = ModelPair(name, *build_models(name, images[:max(sizes.infer_batches)], args), args.device,
+                         args.channels_last)
         for kind in model_kinds:
             log(f"{short}: {kind}")
             rows += ROW_FUNCTIONS[kind](SHORT_NAMES[name], pair, images, targets, args, sizes)

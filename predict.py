@@ -253,6 +253,8 @@ def main(args):
         extensions = " ".join(sorted(IMAGE_EXTENSIONS))
         raise UsageError(f"no image found in {' '.join(args.inputs)} (extensions: {extensions})")
     model, model_name, class_names = load_detector(args.model, args.weights, args.device)
+    if models.prefers_channels_last(model_name, args.device, training=False):
+        model.to(memory_format=torch.channels_last)
     model.score_thresh = args.score_thresh
     os.makedirs(args.output_dir, exist_ok=True)
 

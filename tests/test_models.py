@@ -318,6 +318,42 @@ def test_training_step_equals_torchvision(name, box_counts, ssd300_pair, lite_pa
     assert changed > len(their_state) // 2  # the step really moved the weights
 
 
+def assert_detections_match_to_rounding(ours: list[dict], theirs: list[dict], top: int = 100) -> None:
+    """Each of our `top` best detections has one of theirs with its label, a box within 0.01 pixel and a score
+    within 1e-4: near-tied scores may swap places when kernels sum in another order."""
+    for image, (mine, reference) in enumerate(zip(ours, theirs)):
+        distance = (mine["boxes"][:top, None] - reference["boxes"][None]).abs().amax(-1)
+        distance[mine["labels"][:top, None] != reference["labels"][None]] = float("inf")
+        nearest, match = distance.min(1)
+        assert nearest.max() < 0.01, f"image {image}: a box moved by {nearest.max():.3g} pixels"
+        torch.testing.assert_close(mine["scores"][:top], reference["scores"][match], atol=1e-4, rtol=0)
+
+
+def test_channels_last_gives_torchvision_results(lite_pair):
+    """Our scripts run SSDlite in channels_last on CPU (models.prefers_channels_last). Its NHWC kernels sum in
+    another order: detections match torchvision's default layout to rounding, and a training step matches
+    torchvision's in channels_last (the layout's own rounding is PyTorch's, not ours)."""
+    assert models.prefers_channels_last(LITE, "cpu", training=True)
+    assert not models.prefers_channels_last(SSD300, "cpu", training=True)
+    assert models.prefers_channels_last(SSD300, "cpu", training=False)
+    assert not models.prefers_channels_last(LITE, "cuda", training=True)
+    ours, theirs = copy.deepcopy(lite_pair)
+    ours.to(memory_format=torch.channels_last)
+    images = random_images()
+    with torch.no_grad():
+        assert_detections_match_to_rounding(ours(images), theirs(images))
+    theirs.to(memory_format=torch.channels_last)
+    sizes = IMAGE_SIZES[:3]
+    images, targets = random_images(sizes), random_targets([0, 1, 25], sizes)
+    mine, reference = sgd_step(ours, images, targets), sgd_step(theirs, images, targets)
+    for key in reference:
+        torch.testing.assert_close(mine[key], reference[key], rtol=1e-5, atol=0)
+    ours_state = ours.state_dict()
+    assert ours_state["backbone.features.0.0.0.weight"].is_contiguous(memory_format=torch.channels_last)
+    for key, value in theirs.state_dict().items():
+        torch.testing.assert_close(ours_state[key], value, rtol=1e-5, atol=1e-5, msg=key)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Weights
 
