@@ -138,27 +138,31 @@ def first_kept_per_image(boxes: Tensor, scores: Tensor, class_offsets: Tensor, i
     moved = boxes.double() + class_offsets.double()[:, None]
     scores = scores.double()
     keep, start = [], 0
+    survival = 0.4  # share of boxes NMS keeps: a guess for the first image (3.1 * max_kept boxes), then the last one's
     for count in _count(image_idx, num_images).tolist():  # images are contiguous runs of candidates
-        keep.append(start + _first_kept(moved[start:start + count], scores[start:start + count], iou_thresh, max_kept))
+        kept, survival = _first_kept(moved[start:start + count], scores[start:start + count], iou_thresh, max_kept,
+                                     survival)
+        keep.append(start + kept)
         start += count
     return torch.cat(keep)
 
 
-def _first_kept(boxes: Tensor, scores: Tensor, iou_thresh: float, max_kept: int) -> Tensor:
-    """Positions of the first max_kept boxes that greedy NMS keeps, for boxes sorted by decreasing score.
+def _first_kept(boxes: Tensor, scores: Tensor, iou_thresh: float, max_kept: int, survival: float):
+    """(positions of the first max_kept boxes that greedy NMS keeps, share of the boxes examined that it kept),
+    for boxes sorted by decreasing score.
 
     Greedy NMS decides each box from higher-scored boxes only, so NMS on the best n boxes gives the final
-    decisions for those n: start with 3 * max_kept boxes and widen while too few survive (this saves most
-    of the work when thousands of candidates pass the score threshold).
+    decisions for those n: start with the n that an expected survival share says yields max_kept survivors (plus
+    25%), and widen while too few survive. This saves most of the work when thousands of candidates pass the
+    score threshold; the guess only changes the cost, never the result.
     """
     total = scores.shape[0]
-    n = min(total, 3 * max_kept)
+    n = min(total, math.ceil(1.25 * max_kept / max(survival, 0.01)))
     while True:
         kept = nms(boxes[:n], scores[:n], iou_thresh)
         if n == total or kept.shape[0] >= max_kept:
-            return kept.sort().values[:max_kept]
-        # The share kept so far predicts how many boxes yield max_kept survivors; aim 25% above that.
-        n = min(total, math.ceil(1.25 * max_kept * n / kept.shape[0]))
+            return kept.sort().values[:max_kept], kept.shape[0] / n if n else survival
+        n = min(total, math.ceil(1.25 * max_kept * n / max(kept.shape[0], 1)))
 
 
 @torch.library.custom_op("ssd::nms_mask", mutates_args=())

@@ -15,7 +15,7 @@ from torchvision.ops import boxes as box_ops
 
 import models
 from models.box_coder import match_anchors
-from models.postprocess import postprocess_detections
+from models.postprocess import first_kept_per_image, postprocess_detections
 from models.ssd import vgg16_features
 from models.transform import batch_targets
 
@@ -205,6 +205,34 @@ def test_postprocessing_equals_torchvision_per_class_loop(score_thresh, nms_thre
         mine.append({"boxes": boxes[image, :count], "scores": scores[image, :count], "labels": labels[image, :count]})
     assert_same_detections(mine, reference)
     assert sum(len(d["scores"]) for d in reference) > 0
+
+
+def test_nms_gives_the_full_nms_prefix_whatever_the_survival_rate():
+    """first_kept_per_image starts each image's NMS from the previous image's survival rate and widens when too
+    few survive: images with almost no overlap, with heavy overlap, and without candidates, in varied orders,
+    must all give the first max_kept boxes of a full per-class NMS."""
+    generator = torch.Generator().manual_seed(0)
+
+    def image_boxes(count, spread):  # small spread: many boxes on top of each other, few survive
+        centres = torch.rand(count, 2, generator=generator) * spread
+        sizes = 10 + torch.rand(count, 2, generator=generator) * 20
+        return torch.cat((centres, centres + sizes), 1)
+
+    for spreads in ([2000, 40, 0, 2000], [40, 2000, 40], [0, 0], [2000, 2000, 40, 40, 2000]):
+        counts = [0 if spread == 0 else 900 for spread in spreads]
+        boxes = torch.cat([image_boxes(count, spread) for count, spread in zip(counts, spreads)])
+        labels = torch.randint(1, 4, (len(boxes),), generator=generator)
+        image_idx = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+        scores = torch.rand(len(boxes), generator=generator)
+        order = torch.argsort(image_idx * 2 - scores.double(), stable=True)
+        boxes, labels, image_idx, scores = boxes[order], labels[order], image_idx[order], scores[order]
+        keep = first_kept_per_image(boxes, scores, labels * 10_000.0, image_idx, len(counts), 0.45, 50)
+        expected = []
+        for image in range(len(counts)):
+            inside = torch.where(image_idx == image)[0]
+            kept = box_ops.batched_nms(boxes[inside], scores[inside], labels[inside], 0.45)
+            expected.append(inside[kept[:50]])
+        assert torch.equal(keep, torch.cat(expected)), spreads
 
 
 def test_detect_and_preprocess_are_the_two_halves_of_eval(lite_pair):
