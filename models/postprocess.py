@@ -157,12 +157,12 @@ def _first_kept(boxes: Tensor, scores: Tensor, iou_thresh: float, max_kept: int,
     score threshold; the guess only changes the cost, never the result.
     """
     total = scores.shape[0]
-    n = min(total, math.ceil(1.25 * max_kept / max(survival, 0.01)))
     while True:
+        n = min(total, math.ceil(1.25 * max_kept / survival))  # grows each round: survival < max_kept / n
         kept = nms(boxes[:n], scores[:n], iou_thresh)
+        survival = kept.shape[0] / n if n else survival  # NMS keeps at least one box, so this stays > 0
         if n == total or kept.shape[0] >= max_kept:
-            return kept.sort().values[:max_kept], kept.shape[0] / n if n else survival
-        n = min(total, math.ceil(1.25 * max_kept * n / max(kept.shape[0], 1)))
+            return kept.sort().values[:max_kept], survival
 
 
 @torch.library.custom_op("ssd::nms_mask", mutates_args=())
