@@ -396,12 +396,26 @@ def our_postprocess(model, outputs, anchors):
             for b, s, l, n in zip(boxes, scores, labels, valid.sum(1).tolist())]
 
 
+def detection_mismatch(mine, reference, top=None):
+    """(largest box distance in pixels, largest score difference) from each of mine's first `top` detections to
+    the nearest of reference's with the same label: (0, 0) when both found the same detections, whatever order
+    near-tied scores come out in (kernels that sum in another order, as on GPUs, can swap them)."""
+    boxes, scores, labels = (mine[key][:top] for key in ("boxes", "scores", "labels"))
+    if len(labels) == 0:
+        return 0.0, 0.0
+    if len(reference["labels"]) == 0:
+        return math.inf, math.inf
+    distance = (boxes[:, None] - reference["boxes"][None]).abs().amax(-1)
+    distance[labels[:, None] != reference["labels"][None]] = math.inf
+    nearest, match = distance.min(1)
+    return nearest.max().item(), (scores - reference["scores"][match]).abs().max().item()
+
+
 def same_detections(ours, theirs):
-    """A check that both sides did the same work: equal labels, boxes and scores within 1e-4."""
+    """A check that both sides did the same work: as many detections per image, equal up to float rounding."""
     for mine, reference in zip(ours, theirs):
-        if not (torch.equal(mine["labels"], reference["labels"])
-                and torch.allclose(mine["boxes"], reference["boxes"], atol=1e-4)
-                and torch.allclose(mine["scores"], reference["scores"], atol=1e-4)):
+        box_distance, score_difference = detection_mismatch(mine, reference)
+        if len(mine["labels"]) != len(reference["labels"]) or box_distance > 1e-3 or score_difference > 1e-4:
             return "WARNING: detections differ"
     return f"same detections ({sum(len(d['labels']) for d in ours) / len(ours):.0f}/image)"
 

@@ -76,8 +76,9 @@ def get_args_parser(add_help=True):
     model.add_argument("--trainable-backbone-layers", default=None, type=int)
     model.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (SSDlite)")
     model.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                       help="channels_last memory format for the convolutions (default: on for CPU where measured "
-                            "faster: SSDlite training, any --test-only; off for SSD300 training and on CUDA)")
+                       help="channels_last memory format for the convolutions (default: where measured faster: "
+                            "on CPU SSDlite training and any --test-only, on CUDA SSD300; see "
+                            "models.prefers_channels_last)")
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

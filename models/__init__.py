@@ -11,11 +11,19 @@ _BUILDERS = {
     "ssdlite320_mobilenet_v3_large": ssdlite320_mobilenet_v3_large,
 }
 
-# channels_last against the default layout on CPU, measured A/B on a 2-core AVX2 machine (oneDNN kernels):
-# inference is faster for both models (SSDlite 1.1-1.2x, SSD300 1.15-1.25x at batch 1-8); a training step is faster
-# for SSDlite (1.2x at batch 4, 1.7x at batch 16: the depthwise kernels prefer NHWC) but slower for SSD300 (0.76x:
-# the backward pass of its dense 3x3 convolutions is slower in NHWC there).
-_CHANNELS_LAST_TRAINING_ON_CPU = {"ssd300_vgg16": False, "ssdlite320_mobilenet_v3_large": True}
+# channels_last against the default layout, measured A/B on the models as our scripts run them.
+# CPU (2-core AVX2, oneDNN kernels): inference is faster for both models (SSDlite 1.1-1.2x, SSD300 1.15-1.25x at
+# batch 1-8); a training step is faster for SSDlite (1.2x at batch 4, 1.7x at batch 16: the depthwise kernels
+# prefer NHWC) but slower for SSD300 (0.76x: the backward pass of its dense 3x3 convolutions is slower in NHWC).
+# CUDA (H200, cuDNN, torch 2.11): SSD300 is faster in NHWC (training step at batch 16 1.26x in float32 with TF32,
+# 1.32x under float16 autocast; inference at batch 8 1.23x / 1.10x); SSDlite is not (training 1.04x, inference
+# 0.78x in float32).
+_CHANNELS_LAST = {  # (device type, training) -> model names
+    ("cpu", True): {"ssdlite320_mobilenet_v3_large"},
+    ("cpu", False): {"ssd300_vgg16", "ssdlite320_mobilenet_v3_large"},
+    ("cuda", True): {"ssd300_vgg16"},
+    ("cuda", False): {"ssd300_vgg16"},
+}
 
 __all__ = [
     "SSD", "WeightsError", "get_model", "list_models", "load_checkpoint_file", "load_model_state",
@@ -43,8 +51,5 @@ def get_model(name: str, *, weights=None, weights_backbone=None, num_classes=Non
 
 def prefers_channels_last(name: str, device, training: bool) -> bool:
     """Whether our scripts run model `name` in channels_last on `device` unless told otherwise: where it was
-    measured faster (see above). CUDA was not measured here, so it keeps the default layout (opt in with
-    --channels-last)."""
-    if torch.device(device).type != "cpu":
-        return False
-    return _CHANNELS_LAST_TRAINING_ON_CPU[name] if training else True
+    measured faster (see above). Other devices keep the default layout."""
+    return name in _CHANNELS_LAST.get((torch.device(device).type, training), ())

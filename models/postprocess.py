@@ -37,6 +37,10 @@ def postprocess_detections(
     and valid [B, K]: each image's detections first, by decreasing score, then zeros.
     """
     num_images, num_anchors, num_classes = cls_logits.shape
+    # Autocast's float16/bfloat16 outputs are taken to float32: bfloat16 scores would tie in steps of 1/256
+    # (CPU autocast keeps softmax in bfloat16) and float16 boxes near 300 px round to 0.25 px.
+    dtype = torch.promote_types(cls_logits.dtype, torch.float32)
+    bbox_regression, cls_logits = bbox_regression.to(dtype), cls_logits.to(dtype)
     capturing = torch.jit.is_tracing() or torch.compiler.is_compiling()
     image_idx, anchor_idx, labels, scores = select_candidates(cls_logits, score_thresh, topk_candidates)
     # ONNX has no stable sort, but its TopK, which an exported sort becomes, orders ties by index.
