@@ -180,7 +180,7 @@ def detection_records(output, class_names):
 @torch.inference_mode()
 def detect(model, images, device):
     """Per-image detections (on the CPU) for a list of uint8 images of any sizes."""
-    outputs = model([image.to(device).float().div_(255) for image in images])
+    outputs = model([image.to(device) for image in images])  # uint8: the model scales it
     return [{key: value.cpu() for key, value in output.items()} for output in outputs]
 
 

@@ -27,7 +27,8 @@ SSD_OPTIONS = (
 class SSD(nn.Module):
     """Single-shot detector: backbone feature maps -> per-anchor class logits and box regression.
 
-    Call with a list of float [3, H, W] images in [0, 1] of any sizes (resized to `size`). Training mode
+    Call with a list of [3, H, W] images of any sizes (resized to `size`), all uint8 (0-255, as the presets
+    give them) or all float (0-1, as torchvision's SSD takes them). Training mode
     needs targets (dicts with "boxes" [N, 4] XYXY pixels and "labels" int64 [N]) and returns the losses
     {"bbox_regression", "classification"}; eval mode returns one {"boxes", "scores", "labels"} per image,
     boxes in the image's own pixels.
@@ -90,7 +91,8 @@ class SSD(nn.Module):
         """Normalised [B, 3, H, W] batch at self.size, and the (H, W) of each original image."""
         check_images(images)
         original_sizes = [tuple(image.shape[-2:]) for image in images]
-        mean, std = self.image_mean.to(images[0]), self.image_std.to(images[0])
+        dtype = images[0].dtype if images[0].is_floating_point() else torch.float32
+        mean, std = (value.to(images[0].device, dtype) for value in (self.image_mean, self.image_std))
         return normalize_and_resize(images, mean, std, self.size), original_sizes
 
     def detect(self, batch: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -10,8 +10,11 @@ def check_images(images) -> None:
     if len(images) == 0:
         raise ValueError("images is an empty list")
     for index, image in enumerate(images):
-        if not image.is_floating_point():
-            raise TypeError(f"image {index}: expected a float tensor with values in [0, 1], got {image.dtype}")
+        if not (image.is_floating_point() or image.dtype == torch.uint8):
+            raise TypeError(f"image {index}: expected a uint8 tensor (0-255) or a float one (0-1), got {image.dtype}")
+        if image.dtype != images[0].dtype:
+            raise TypeError(f"image {index} is {image.dtype} but image 0 is {images[0].dtype}: pass all images as "
+                            "uint8 (0-255) or all as float (0-1)")
         if image.dim() != 3 or image.shape[0] != 3:
             raise ValueError(f"image {index}: expected shape [3, H, W], got {list(image.shape)}")
         if image.shape[1] == 0 or image.shape[2] == 0:
@@ -71,16 +74,20 @@ def find_bad_box(boxes: Tensor, labels: Tensor, valid: Tensor, num_classes: int)
 
 def normalize_and_resize(images: list[Tensor], mean: Tensor, std: Tensor, size: tuple[int, int]) -> Tensor:
     """(image - mean) / std, then bilinear resize (align_corners=False, no antialiasing, aspect ratio not
-    kept) to size (H, W), batched into [B, 3, H, W]. Images of equal size go through in one call.
+    kept) to size (H, W), batched into [B, 3, H, W] of mean's dtype. Images of equal size go through in one call.
+    uint8 images are first scaled to [0, 1] as torchvision's ToDtype(float32, scale=True) does (divided by 255).
 
     Normalising before resizing, as torchvision does, keeps the batch bit-identical to torchvision's (the
     reverse order is cheaper but rounds differently, which moves boxes by ~1e-3 px)."""
-    batch = images[0].new_empty((len(images), 3) + tuple(size))
+    batch = mean.new_empty((len(images), 3) + tuple(size))
     by_size = {}
     for index, image in enumerate(images):
         by_size.setdefault(tuple(image.shape[1:]), []).append(index)
     for image_size, indices in by_size.items():
-        same_size = (torch.stack([images[i] for i in indices]) - mean[:, None, None]) / std[:, None, None]
+        same_size = torch.stack([images[i] for i in indices])
+        if not same_size.is_floating_point():
+            same_size = same_size.to(mean.dtype).div_(255)
+        same_size = (same_size - mean[:, None, None]) / std[:, None, None]
         if image_size != tuple(size):
             same_size = F.interpolate(same_size, size=size, mode="bilinear", align_corners=False)
         batch[indices] = same_size

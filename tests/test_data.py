@@ -146,7 +146,7 @@ def test_transforms_are_applied(coco_root):
     torch.manual_seed(0)
     for i in range(len(dataset)):
         image, target = dataset[i]
-        assert image.dtype == torch.float32 and image.shape[0] == 3 and len(target["boxes"]) == len(target["labels"])
+        assert image.dtype == torch.uint8 and image.shape[0] == 3 and len(target["boxes"]) == len(target["labels"])
 
 
 def test_v2_path_uses_torchvision_wrapper_with_the_same_images(coco_root, capsys):
@@ -156,7 +156,7 @@ def test_v2_path_uses_torchvision_wrapper_with_the_same_images(coco_root, capsys
     assert coco_utils.get_coco_api_from_dataset(train).getAnnIds(imgIds=[3]) == [7]
     torch.manual_seed(0)
     image, target = train[0]
-    assert type(image) is torch.Tensor and image.dtype == torch.float32 and target["labels"].dtype == torch.int64
+    assert type(image) is torch.Tensor and image.dtype == torch.uint8 and target["labels"].dtype == torch.int64
     val = coco_utils.get_coco(coco_root, "val", presets.DetectionPresetEval(use_v2=True), use_v2=True)
     image, target = val[0]
     # v2 keeps the crowd box and does not clamp: the documented v1/v2 difference

@@ -171,6 +171,22 @@ def test_eval_detections_equal_torchvision(name, ssd300_pair, lite_pair):
     assert all(d["boxes"].dtype == torch.float32 and d["labels"].dtype == torch.int64 for d in mine)
 
 
+def test_uint8_images_give_what_float_images_scaled_by_255_give(lite_pair):
+    """The presets hand the model uint8 images; it scales them as ToDtype(float32, scale=True) would, so that
+    the batch, the detections and the losses equal those of torchvision's float pipeline exactly."""
+    ours, theirs = lite_pair
+    generator = torch.Generator().manual_seed(3)
+    images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=generator) for h, w in IMAGE_SIZES]
+    as_float = [image.float() / 255 for image in images]
+    assert torch.equal(ours.preprocess(images)[0], ours.preprocess(as_float)[0])
+    with torch.no_grad():
+        assert_same_detections(ours(images), theirs(as_float))
+        trainable = copy.deepcopy(ours).train()
+        targets = random_targets([2, 0, 7], IMAGE_SIZES)
+        from_uint8, from_float = trainable(images, targets), trainable(as_float, targets)
+    assert all(torch.equal(from_uint8[key], from_float[key]) for key in from_float)
+
+
 @pytest.mark.parametrize(
     "score_thresh, nms_thresh, detections_per_img, topk_candidates",
     [(0.01, 0.45, 200, 400), (0.2, 0.3, 50, 400), (0.001, 0.6, 300, 20), (0.05, 0.45, 10, 1000)],
@@ -629,7 +645,9 @@ def test_options_reach_the_model():
 @pytest.mark.parametrize(
     "images, error, message",
     [
-        ([torch.rand(3, 20, 20), torch.zeros(3, 20, 20, dtype=torch.uint8)], TypeError, "image 1: expected a float"),
+        ([torch.rand(3, 20, 20), torch.zeros(3, 20, 20, dtype=torch.uint8)], TypeError,
+         "image 1 is torch.uint8 but image 0 is torch.float32"),
+        ([torch.zeros(3, 20, 20, dtype=torch.int64)], TypeError, "image 0: expected a uint8 tensor"),
         ([torch.rand(20, 20)], ValueError, r"image 0: expected shape \[3, H, W\], got \[20, 20\]"),
         ([torch.rand(3, 9, 9), torch.rand(4, 20, 20)], ValueError, r"image 1: expected shape \[3, H, W\]"),
         (torch.rand(1, 3, 20, 20), TypeError, "images must be a list"),

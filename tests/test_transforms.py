@@ -281,13 +281,12 @@ CONFIGS = [(p, b, False) for p in presets.POLICIES for b in ("pil", "tensor")] +
 
 
 @pytest.mark.parametrize("policy, backend, use_v2", CONFIGS)
-def test_train_preset_outputs_float_images_and_xyxy_boxes(policy, backend, use_v2):
+def test_train_preset_outputs_uint8_images_and_xyxy_boxes(policy, backend, use_v2):
     preset = presets.DetectionPresetTrain(data_augmentation=policy, backend=backend, use_v2=use_v2)
     for seed in range(6):
         torch.manual_seed(seed)
         image, target = preset(*pil_sample(use_v2))
-        assert type(image) is torch.Tensor and image.dtype == torch.float32 and image.ndim == 3 and image.shape[0] == 3
-        assert 0.0 <= image.min() and image.max() <= 1.0
+        assert type(image) is torch.Tensor and image.dtype == torch.uint8 and image.ndim == 3 and image.shape[0] == 3
         assert type(target["boxes"]) is torch.Tensor and target["labels"].dtype == torch.int64
         boxes = target["boxes"]
         assert len(boxes) == len(target["labels"]) and len(boxes) > 0
@@ -300,7 +299,7 @@ def test_eval_preset_only_converts(backend, use_v2):
     pil, target = pil_sample(use_v2)
     image, out_target = presets.DetectionPresetEval(backend=backend, use_v2=use_v2)(pil, target)
     assert type(image) is torch.Tensor
-    assert torch.allclose(image, F.pil_to_tensor(pil).float() / 255, rtol=0, atol=1e-7)
+    assert type(image) is torch.Tensor and torch.equal(image, F.pil_to_tensor(pil))
     assert torch.equal(torch.as_tensor(out_target["boxes"]), torch.tensor(BOXES[:3]))
 
 
