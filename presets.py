@@ -9,8 +9,6 @@ GPU), and the float copy is made once, on the device, instead of in the workers.
 
 from collections import defaultdict
 
-import torch
-
 import transforms as reference_transforms
 
 POLICIES = ("hflip", "ssd", "ssdlite")
