@@ -42,6 +42,7 @@ import coco_utils
 import models
 import presets
 import utils
+from export import match_detections
 from models.postprocess import postprocess_detections
 from models.transform import batch_targets
 
@@ -398,26 +399,14 @@ def our_postprocess(model, outputs, anchors):
             for b, s, l, n in zip(boxes, scores, labels, valid.sum(1).tolist())]
 
 
-def detection_mismatch(mine, reference, top=None):
-    """(largest box distance in pixels, largest score difference) from each of mine's first `top` detections to
-    the nearest of reference's with the same label: (0, 0) when both found the same detections, whatever order
-    near-tied scores come out in (kernels that sum in another order, as on GPUs, can swap them)."""
-    boxes, scores, labels = (mine[key][:top] for key in ("boxes", "scores", "labels"))
-    if len(labels) == 0:
-        return 0.0, 0.0
-    if len(reference["labels"]) == 0:
-        return math.inf, math.inf
-    distance = (boxes[:, None] - reference["boxes"][None]).abs().amax(-1)
-    distance[labels[:, None] != reference["labels"][None]] = math.inf
-    nearest, match = distance.min(1)
-    return nearest.max().item(), (scores - reference["scores"][match]).abs().max().item()
-
-
 def same_detections(ours, theirs):
-    """A check that both sides did the same work: as many detections per image, equal up to float rounding."""
+    """A check that both sides did the same work: as many detections per image, paired one to one with boxes within
+    1e-3 px and scores within 1e-4, in whatever order near-tied scores come out (GPU kernels can swap them)."""
     for mine, reference in zip(ours, theirs):
-        box_distance, score_difference = detection_mismatch(mine, reference)
-        if len(mine["labels"]) != len(reference["labels"]) or box_distance > 1e-3 or score_difference > 1e-4:
+        matched, worst_box, worst_score = match_detections(*({k: v.cpu() for k, v in d.items()}
+                                                             for d in (reference, mine)))
+        if not (len(mine["labels"]) == len(reference["labels"]) == matched and worst_box <= 1e-3
+                and worst_score <= 1e-4):
             return "WARNING: detections differ"
     return f"same detections ({sum(len(d['labels']) for d in ours) / len(ours):.0f}/image)"
 
