@@ -17,6 +17,7 @@ import datetime
 import errno
 import math
 import os
+import secrets
 import sys
 import time
 
@@ -98,7 +99,9 @@ def get_args_parser(add_help=True):
                        help="linear warm-up iterations in the first epoch (torchvision: 1000)")
     optim.add_argument("--amp", action="store_true",
                        help="mixed precision: float16 + GradScaler on CUDA, bfloat16 on CPU (slow without AVX512-BF16/AMX)")
-    optim.add_argument("--seed", default=None, type=int, help="seed every random generator (exact resume needs it)")
+    optim.add_argument("--seed", default=None, type=int,
+                       help="seed every random generator (default: a fresh seed, printed and stored in the "
+                            "checkpoints, so a run can be repeated with --seed)")
     optim.add_argument("--use-deterministic-algorithms", action="store_true")
 
     run = parser.add_argument_group("run")
@@ -169,16 +172,32 @@ def get_dataset(is_train, args):
     return coco_utils.get_coco(args.data_path, image_set, get_transform(is_train, args), use_v2=args.use_v2)
 
 
+def choose_seed(args, resume_checkpoint):
+    """--seed; else the seed of the run being resumed (its data order goes on); else a fresh one.
+
+    A fixed default would give every unseeded run the same data order, so runs meant as independent repeats
+    would all share one draw of it. Rank 0 draws the fresh seed and every rank uses it: the distributed
+    sampler needs one seed across ranks to split the data without overlap.
+    """
+    if args.seed is not None:
+        return args.seed
+    saved_seed = (resume_checkpoint or {}).get("args", {}).get("seed")
+    if saved_seed is not None:
+        return saved_seed
+    seed = utils.all_gather(secrets.randbelow(2**31))[0]
+    print(f"No --seed given: seeding with {seed} (pass --seed {seed} to repeat this run)")
+    return seed
+
+
 def seed_loader_for_epoch(data_loader, args, epoch):
     """Make the workers' augmentation randomness a function of --seed, epoch and rank alone."""
-    if data_loader.generator is not None:
-        data_loader.generator.manual_seed(args.seed * 1_000_003 + epoch * 1_009 + utils.get_rank())
+    data_loader.generator.manual_seed(args.seed * 1_000_003 + epoch * 1_009 + utils.get_rank())
 
 
 def build_train_loader(dataset, args):
     # DistributedSampler with one replica is a seeded, epoch-aware shuffle: the same code path for 1 or N processes.
     sampler = torch.utils.data.DistributedSampler(
-        dataset, num_replicas=utils.get_world_size(), rank=utils.get_rank(), shuffle=True, seed=args.seed or 0
+        dataset, num_replicas=utils.get_world_size(), rank=utils.get_rank(), shuffle=True, seed=args.seed
     )
     if args.aspect_ratio_group_factor >= 0:
         group_ids = create_aspect_ratio_groups(dataset, k=args.aspect_ratio_group_factor)
@@ -191,7 +210,7 @@ def build_train_loader(dataset, args):
         )
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=batch_sampler, num_workers=args.workers, collate_fn=utils.collate_fn,
-        pin_memory=args.device.startswith("cuda"), generator=torch.Generator() if args.seed is not None else None,
+        pin_memory=args.device.startswith("cuda"), generator=torch.Generator(),
     )
     return loader, sampler
 
@@ -320,7 +339,7 @@ def restore_training_state(args, checkpoint, optimizer, lr_scheduler, scaler):
     rng_states = checkpoint.get("rng_states") or []
     if len(rng_states) == utils.get_world_size():
         utils.set_rng_state(rng_states[utils.get_rank()])
-    elif args.seed is not None:
+    else:
         print(f"warning: {args.resume} holds RNG states for {len(rng_states)} processes, not "
               f"{utils.get_world_size()}: the resumed run will not repeat the original exactly", file=sys.stderr)
 
@@ -334,16 +353,15 @@ def main(args):
     device = torch.device(args.device)
     if args.channels_last is None:
         args.channels_last = models.prefers_channels_last(args.model, device, training=not args.test_only)
+    resume_checkpoint = load_resume_checkpoint(args) if args.resume else None
+    args.seed = choose_seed(args, resume_checkpoint)
     print(args)
-    if args.seed is not None:
-        utils.seed_everything(args.seed + utils.get_rank())
+    utils.seed_everything(args.seed + utils.get_rank())
     if args.use_deterministic_algorithms:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
     elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # SSD inputs have one fixed size
-
-    resume_checkpoint = load_resume_checkpoint(args) if args.resume else None
 
     print("Loading data")
     prepare_data_root(args)

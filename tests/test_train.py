@@ -102,3 +102,25 @@ def test_a_short_demo_run_learns(device, extra, tmp_path):
     assert_ok(result)
     ap50 = read_log(output_dir)[-1]["coco"]["AP50"]
     assert ap50 > 0.1, f"AP50 {ap50:.3f} after {DEMO_TEST_EPOCHS} epochs on {device}"
+
+
+def test_unseeded_runs_draw_fresh_seeds_and_a_resumed_run_keeps_its_own(shapes_root):
+    import coco_utils
+    import presets
+    import train
+
+    args = train.get_args_parser().parse_args(["--batch-size", "4"])
+    seeds = {train.choose_seed(args, resume_checkpoint=None) for _ in range(4)}
+    assert len(seeds) == 4  # a fixed default would give every unseeded run the same data order
+    assert train.choose_seed(args, resume_checkpoint={"args": {"seed": 1234}}) == 1234
+    args.seed = 7
+    assert train.choose_seed(args, resume_checkpoint={"args": {"seed": 1234}}) == 7
+
+    dataset = coco_utils.get_coco(shapes_root, "train", presets.DetectionPresetEval())
+    orders = []
+    for seed in (7, 8):
+        args.seed = seed
+        loader, sampler = train.build_train_loader(dataset, args)
+        sampler.set_epoch(0)
+        orders.append(list(sampler))
+    assert sorted(orders[0]) == sorted(orders[1]) and orders[0] != orders[1]
