@@ -35,6 +35,7 @@ import torchvision
 from PIL import Image, ImageDraw
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+from torch.utils.flop_counter import FlopCounterMode
 from torchvision.ops import box_iou
 
 import coco_eval
@@ -73,15 +74,16 @@ class Sizes:
     detections_per_image: int
     repeats: int
     warmup: int
+    peak_matmul_size: int  # n of the n x n float32 matmul that measures the machine's peak
 
     def largest_batch(self):
         return max(self.train_batches + self.infer_batches + (self.postprocess_batch, self.loss_batch))
 
 
 FULL = Sizes(train_batches=(4, 16), infer_batches=(1, 8), postprocess_batch=8, loss_batch=16, data_images=160,
-             eval_images=5000, detections_per_image=100, repeats=5, warmup=1)
+             eval_images=5000, detections_per_image=100, repeats=5, warmup=1, peak_matmul_size=4096)
 QUICK = Sizes(train_batches=(2, 3), infer_batches=(1, 2), postprocess_batch=2, loss_batch=2, data_images=8,
-              eval_images=50, detections_per_image=100, repeats=1, warmup=1)
+              eval_images=50, detections_per_image=100, repeats=1, warmup=1, peak_matmul_size=1024)
 
 
 def get_args_parser():
@@ -135,6 +137,33 @@ def compare(fns, sizes, device, warmup=None):
             if i >= warmup:
                 times[k].append(elapsed)
     return [statistics.median(t) for t in times], outputs
+
+
+# A backward pass takes two products per forward one (gradients of the inputs and of the weights). Counted this way
+# rather than by FlopCounterMode, whose backward count of a grouped convolution is multiplied by its group count.
+BACKWARD_FLOPS_PER_FORWARD = 2
+
+
+def count_flops(fn):
+    """Floating-point operations of one call of fn as torch's FlopCounterMode counts them: matrix products and
+    convolutions, forward and backward. For these models that is nearly all the arithmetic."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def measured_peak_gflops(device, size):
+    """The machine's own float32 ceiling for comparison: GFLOP/s of a large dense matmul (2 n^3 operations), the
+    best of a few runs, on the same threads and device as the rows."""
+    a, b = (torch.randn(size, size, device=device) for _ in range(2))
+    seconds = min(time_once(lambda: a @ b, device)[0] for _ in range(4))
+    return 2 * size**3 / seconds / 1e9
+
+
+def with_flops(row, flops_per_image, peak_gflops):
+    """Add achieved GFLOP/s (images/s x FLOPs per image) and its share of the measured peak to a throughput row."""
+    gflops = {side: row[side] * flops_per_image / 1e9 for side in ("ours", "torchvision")}
+    return {**row, "gflops": gflops, "peak_share": {side: value / peak_gflops for side, value in gflops.items()}}
 
 
 def make_row(name, ours, theirs, unit, note=""):
@@ -329,12 +358,17 @@ class ModelPair:
 
 def train_rows(short, pair, images, targets, args, sizes):
     rows = []
+    flops_per_image = None
     for batch in sizes.train_batches:
         on_device = to_device(images[:batch], targets[:batch], args.device)
         steps = [train_step_fn(model, *on_device, args) for model in pair.fresh(training=True)]
+        if flops_per_image is None:  # the same architecture on both sides: counted once, on the smallest batch
+            forward_flops = count_flops(lambda: pair.ours(*on_device))
+            flops_per_image = (1 + BACKWARD_FLOPS_PER_FORWARD) * forward_flops / batch
         seconds, _ = compare(steps, sizes, args.device)
-        rows.append(throughput_row(f"{short} training step, batch {batch}", batch, seconds, "img/s",
-                                   pair.layout_note(training=True)))
+        row = throughput_row(f"{short} training step, batch {batch}", batch, seconds, "img/s",
+                             pair.layout_note(training=True))
+        rows.append(with_flops(row, flops_per_image, args.peak_gflops))
     return rows
 
 
@@ -356,12 +390,16 @@ def train_step_fn(model, images, targets, args):
 
 def infer_rows(short, pair, images, targets, args, sizes):
     rows = []
+    flops_per_image = None
     for batch in sizes.infer_batches:
         batch_images = [image.to(args.device) for image in images[:batch]]
         calls = [inference_fn(model, batch_images, args) for model in pair.fresh()]
+        if flops_per_image is None:
+            flops_per_image = count_flops(calls[0]) / batch
         seconds, _ = compare(calls, sizes, args.device)
-        rows.append(throughput_row(f"{short} inference end to end, batch {batch}", batch, seconds, "img/s",
-                                   pair.layout_note(training=False)))
+        row = throughput_row(f"{short} inference end to end, batch {batch}", batch, seconds, "img/s",
+                             pair.layout_note(training=False))
+        rows.append(with_flops(row, flops_per_image, args.peak_gflops))
     return rows
 
 
@@ -601,10 +639,19 @@ def significant(x, digits=3):
     return f"{x:.{max(0, decimals)}f}"
 
 
+def flops_cell(row):
+    """'ours / torchvision GFLOP/s (ours / torchvision share of the measured peak)', or '' for other rows."""
+    if "gflops" not in row:
+        return ""
+    gflops, share = row["gflops"], row["peak_share"]
+    return (f"{significant(gflops['ours'])} / {significant(gflops['torchvision'])} "
+            f"({share['ours']:.0%} / {share['torchvision']:.0%})")
+
+
 def format_table(rows):
-    header = ["row", "ours", "torchvision", "unit", "ours/tv", "speed-up", "note"]
+    header = ["row", "ours", "torchvision", "unit", "ours/tv", "speed-up", "GFLOP/s (of peak)", "note"]
     lines = [[r["name"], significant(r["ours"]), significant(r["torchvision"]), r["unit"], significant(r["ratio"]),
-              f"{significant(r['speedup'])}x", r["note"]] for r in rows]
+              f"{significant(r['speedup'])}x", flops_cell(r), r["note"]] for r in rows]
     widths = [max(len(str(line[i])) for line in [header] + lines) for i in range(len(header))]
     render = lambda cells: " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
     return "\n".join([render(header), "-+-".join("-" * w for w in widths)] + [render(line) for line in lines])
@@ -646,6 +693,10 @@ def main(args):
             raise SystemExit(f"bench.py: error: --repeats must be at least 1, got {args.repeats}")
         sizes = Sizes(**{**asdict(sizes), "repeats": args.repeats})
     info = machine_info(args.device)
+    args.peak_gflops = None
+    if {"train", "infer"} & set(args.rows):
+        log("measuring the float32 matmul peak")
+        info["peak_gflops"] = args.peak_gflops = measured_peak_gflops(args.device, sizes.peak_matmul_size)
     started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -665,6 +716,10 @@ def main(args):
     print(f"# {command}\n# {started}; {info['cpu']}, {info['cpu_count']} cpus, {info['torch_threads']} torch threads, "
           f"device {info['device']}, torch {info['versions']['torch']}, torchvision {info['versions']['torchvision']}, "
           f"load average at start {info['load_average_at_start']:.2f}")
+    if args.peak_gflops:
+        print(f"# measured peak: {significant(args.peak_gflops)} GFLOP/s (float32 matmul of "
+              f"{sizes.peak_matmul_size}x{sizes.peak_matmul_size} matrices); training and inference rows show the "
+              "GFLOP/s each side achieves, from FlopCounterMode's count of the model's FLOPs")
     print(format_table(rows))
     if args.json:
         report = {"date": started, "command": command, "machine": info, "sizes": asdict(sizes),

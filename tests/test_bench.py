@@ -41,6 +41,22 @@ def test_report_has_every_row_with_positive_figures_and_exact_ratios(quick_run):
         assert row["speedup"] == pytest.approx(speedup, rel=1e-12)
 
 
+def test_model_rows_report_achieved_gflops_against_the_measured_peak(quick_run):
+    report, _ = quick_run
+    peak = report["machine"]["peak_gflops"]
+    assert math.isfinite(peak) and peak > 0
+    # SSDlite320 is 0.58 GMAC per image (torchvision's published figure): 1.17 GFLOP forward, 3x that for a step.
+    expected_gflop_per_image = {"inference": 1.166, "training": 3 * 1.166}
+    model_rows = [row for row in report["rows"] if "training step" in row["name"] or "inference" in row["name"]]
+    assert len(model_rows) == 4
+    for row in model_rows:
+        kind = "training" if "training" in row["name"] else "inference"
+        for side in ("ours", "torchvision"):
+            assert row["gflops"][side] / row[side] == pytest.approx(expected_gflop_per_image[kind], rel=0.01)
+            assert row["peak_share"][side] == pytest.approx(row["gflops"][side] / peak, rel=1e-9)
+    assert all("gflops" not in row for row in report["rows"] if row not in model_rows)
+
+
 def test_both_sides_did_the_same_work(quick_run):
     """The rows' own checks: identical detections, losses and COCO stats, and peaked (not random-init) scores."""
     notes = {row["name"]: row["note"] for row in quick_run[0]["rows"]}
