@@ -185,8 +185,9 @@ def get_datasets(args):
         if not args.test_only:
             raise
         print(f"No training split found: the classes are those of {paths['val'][1]} alone")
-    cocos = {split: coco_utils.load_annotation_file(ann_file) for split, (_, ann_file) in paths.items()}
-    categories = coco_utils.build_category_table({paths[split][1]: coco for split, coco in cocos.items()})
+    splits = [split for split in ("train", "val") if split in paths]
+    cocos = {split: coco_utils.load_annotation_file(paths[split][1]) for split in splits}
+    categories = coco_utils.build_category_table({paths[split][1]: cocos[split] for split in splits})
     if any(label != entry["id"] for label, entry in categories.items()):
         ids = [entry["id"] for entry in categories.values()]
         print(f"{len(ids)} categories with ids {min(ids)}..{max(ids)}: the model's labels are 1..{len(ids)} in "
