@@ -222,8 +222,8 @@ def _parent_category(merged, used_ids):
     """The id of a Roboflow-style parent category, or None: a category no annotation uses, whose name is the
     "supercategory" of every other category (Roboflow exports {"id": 0, "name": <project>} above the real ones)."""
     supercategories = [supercategory for _, supercategory, _ in merged.values()]
+    others = len(merged) - 1
     for category_id, (name, supercategory, _) in merged.items():
-        others = len(merged) - 1
         if category_id not in used_ids and others and supercategories.count(name) - (supercategory == name) == others:
             return category_id
     return None

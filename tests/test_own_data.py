@@ -13,6 +13,7 @@ import coco_utils
 import engine
 import models
 import presets
+from coco_eval import CocoEvaluator
 from conftest import LITE, assert_ok, read_log, run_script
 
 SHAPES = ["circle", "rectangle", "triangle", "star", "cross"]  # shapes' category ids 1..5
@@ -225,6 +226,18 @@ def test_class_set_is_the_union_of_both_files(tmp_path):
     val = coco_file(tmp_path, [{"id": 1, "name": "dog"}, {"id": 3, "name": "owl"}], name="val.json")
     table = coco_utils.build_category_table(dict([train, val]))
     assert table == {1: {"id": 1, "name": "dog"}, 2: {"id": 2, "name": "cat"}, 3: {"id": 3, "name": "owl"}}
+
+
+def test_evaluator_reports_in_the_files_ids(tmp_path):
+    path, coco = coco_file(tmp_path, [{"id": 10**9, "name": "owl"}, {"id": 7, "name": "emu"}], annotations=[10**9])
+    table = coco_utils.build_category_table({path: coco})
+    evaluator = CocoEvaluator(coco, categories=table)
+    evaluator.update({1: {"boxes": torch.tensor([[1.0, 1.0, 6.0, 6.0], [0.0, 0.0, 2.0, 2.0]]),
+                          "scores": torch.tensor([0.9, 0.8]), "labels": torch.tensor([2, 9])}})
+    # label 2 is the id 10^9; label 9 stands for no category of the file and is left out
+    assert [(r["category_id"], r["bbox"]) for r in evaluator.coco_results()] == [(10**9, [1.0, 1.0, 5.0, 5.0])]
+    evaluator.accumulate()
+    assert evaluator.coco_eval.eval["precision"].max() == pytest.approx(1.0)  # it matched the ground truth
 
 
 def test_v2_path_keeps_empty_images_and_maps_ids_to_labels(shapes_root, tmp_path):
