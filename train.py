@@ -302,6 +302,18 @@ def load_resume_checkpoint(args):
     return checkpoint
 
 
+def check_resume_categories(args, checkpoint, categories):
+    """A resumed model's labels must stand for the same category ids and names as this data's. Older checkpoints,
+    which stored {label: name}, are not checked."""
+    saved = checkpoint.get("categories") or {}
+    if not all(isinstance(entry, dict) for entry in saved.values()) or saved == categories:
+        return
+    label = min(k for k in set(saved) | set(categories) if saved.get(k) != categories.get(k))
+    there, here = saved.get(label), categories.get(label)
+    raise ConfigError(f"--resume {args.resume} was trained on other categories than this data's: label {label} is "
+                      f"{there or 'no class'} there and {here or 'no class'} here")
+
+
 def build_model(args, num_classes, device, resume_checkpoint):
     kwargs = {}
     if args.trainable_backbone_layers is not None:
@@ -384,6 +396,8 @@ def main(args):
     dataset, dataset_test = get_datasets(args)
     num_classes = coco_utils.get_num_classes(dataset_test)
     categories = coco_utils.get_categories(dataset_test)
+    if resume_checkpoint is not None:
+        check_resume_categories(args, resume_checkpoint, categories)
     data_loader_test = build_eval_loader(dataset_test, args)
 
     print("Creating model")

@@ -156,6 +156,11 @@ def test_fiftyone_export_trains_with_a_train_only_category_and_empty_images(shap
     coco = read_log(tmp_path / "kept")[0]["coco"]
     assert len(coco) == 12 and all(0 <= value <= 1 or value == -1 for value in coco.values())
 
+    # the checkpoint's labels mean FiftyOne's ids 0..5; the Roboflow-style export has ids 1..5, no hexagon
+    other_ids = write_export(shapes_root, tmp_path / "roboflow", "roboflow", num_train=2)
+    line = one_error_line(run_train("", "--test-only", "--resume", tmp_path / "kept" / "checkpoint.pth", *other_ids))
+    assert "was trained on other categories than this data's: label 1 is {'id': 0, 'name': 'circle'} there" in line
+
 
 def test_bad_exports_are_refused_in_one_line(shapes_root, tmp_path):
     flags = write_export(shapes_root, tmp_path / "a", "roboflow")
