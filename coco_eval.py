@@ -44,13 +44,18 @@ def _to_numpy(tensor, dtype):
 
 
 class CocoEvaluator:
-    def __init__(self, coco_gt, iou_types=("bbox",), backend="pycocotools"):
+    """Evaluates the model's labels against coco_gt, which is in the annotation file's category ids. `categories`
+    (the category table {label: {"id", "name"}}, coco_utils.get_categories) maps labels back to those ids; without
+    it labels are taken to be the ids."""
+
+    def __init__(self, coco_gt, iou_types=("bbox",), backend="pycocotools", categories=None):
         if tuple(iou_types) != ("bbox",):
             raise ValueError(f"only bbox evaluation is supported (SSD predicts boxes), got iou_types={iou_types}")
         self.coco_class, self.cocoeval_class = load_backend(backend)
         # bbox evaluation only adds an idempotent "ignore" flag to GT annotations, so no defensive deepcopy.
         self.coco_gt = coco_gt if isinstance(coco_gt, self.coco_class) else self.coco_class(coco_gt.dataset)
-        self.detections = {}  # image id -> (boxes XYWH float32 [K, 4], scores float32 [K], category ids int64 [K])
+        self.category_id_of = None if categories is None else {label: e["id"] for label, e in categories.items()}
+        self.detections = {}  # image id -> (boxes XYWH float32 [K, 4], scores float32 [K], labels int64 [K])
         self.coco_eval = None
 
     def update(self, predictions):
@@ -74,12 +79,16 @@ class CocoEvaluator:
         self.detections = merged
 
     def coco_results(self):
-        """Detections in COCO's results format (the dataset's category ids), ordered by image id."""
-        return [
-            {"image_id": image_id, "category_id": label, "bbox": box, "score": score}
+        """Detections in COCO's results format, in the annotation file's category ids, ordered by image id.
+        Labels that stand for no category of the table (a model made for other classes) are left out."""
+        category_id_of = self.category_id_of
+        results = [
+            {"image_id": image_id, "category_id": label if category_id_of is None else category_id_of.get(label),
+             "bbox": box, "score": score}
             for image_id, (boxes, scores, labels) in sorted(self.detections.items())
             for box, score, label in zip(boxes.tolist(), scores.tolist(), labels.tolist())
         ]
+        return [result for result in results if result["category_id"] is not None]
 
     def _load_results(self, results):
         if results:

@@ -5,6 +5,12 @@
     root/train2017/*.jpg   root/annotations/instances_train2017.json
     root/val2017/*.jpg     root/annotations/instances_val2017.json
 
+or any other image folder and annotation file (`img_folder=`, `ann_file=`), as annotation tools export them.
+
+Category ids become the model's labels through a category table (`build_category_table`, `get_categories`):
+labels equal the ids where that wastes little (COCO), and are 1..K otherwise (ids from 0, sparse or huge ids).
+The datasets' pycocotools ground truth stays in the file's own ids; the evaluator maps labels back.
+
 Unlike torchvision's reference, targets hold boxes only (SSD never uses masks, and rasterising polygons was
 most of the reference loader's time), and all annotation parsing, validation and box clean-up happens once at
 construction, so `__getitem__` only decodes the image.
@@ -60,6 +66,11 @@ def _is_bbox(bbox):
         return False
 
 
+def _is_category_id(value):
+    # Ids are stored in int64 arrays by the evaluation backends; bool is an int subclass but not an id.
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63
+
+
 def _check_coco_dict(data, ann_file):
     """Validate a COCO detection dict in place, filling the optional fields pycocotools' evaluation needs
     ("iscrowd", "area"), so that every later step can trust it."""
@@ -85,12 +96,14 @@ def _check_coco_dict(data, ann_file):
     category_ids = set()
     for category in data["categories"]:
         category_id = category.get("id") if isinstance(category, dict) else None
-        if not isinstance(category_id, int) or category_id < 1 or category_id in category_ids:
+        if not _is_category_id(category_id) or category_id in category_ids:
             raise DatasetError(
-                f"{ann_file}: category entry {_one_line(repr(category), 80)} needs a unique integer id >= 1 "
-                "(0 is the background class)"
+                f"{ann_file}: category entry {_one_line(repr(category), 80)} needs a unique integer id "
+                "from 0 to 2^63 - 1"
             )
         category.setdefault("name", str(category_id))
+        if not isinstance(category["name"], str):
+            raise DatasetError(f'{ann_file}: category id {category_id} has a "name" that is not a string')
         category_ids.add(category_id)
 
     annotation_ids = set()
@@ -122,15 +135,15 @@ def _build_coco_api(data):
     return coco
 
 
-def _usable_boxes(coco, image_ids):
+def _usable_boxes(coco, image_ids, label_of, ann_file):
     """Box-only targets of `image_ids`, concatenated in that order: (boxes XYXY, labels, area, first, count) with
     first[i]:first[i]+count[i] the rows of image_ids[i]. Crowd annotations are dropped, boxes are clamped to the
-    image and boxes left without area (zero or negative size) are dropped."""
+    image and boxes left without area (zero or negative size) are dropped. `label_of` maps category ids to labels."""
     position = {image_id: i for i, image_id in enumerate(image_ids)}
     anns = [ann for ann in coco.dataset["annotations"] if not ann["iscrowd"] and ann["image_id"] in position]
     owner = np.array([position[ann["image_id"]] for ann in anns], dtype=np.int64)
     boxes = np.array([ann["bbox"] for ann in anns], dtype=np.float64).reshape(-1, 4)
-    labels = np.array([ann["category_id"] for ann in anns], dtype=np.int64)
+    labels = np.array([_label(label_of, ann, ann_file) for ann in anns], dtype=np.int64)
     area = np.array([ann["area"] for ann in anns], dtype=np.float32)
 
     sizes = np.array([(coco.imgs[i]["width"], coco.imgs[i]["height"]) for i in image_ids], dtype=np.float64)
@@ -148,18 +161,97 @@ def _usable_boxes(coco, image_ids):
     return boxes[keep][order].astype(np.float32), labels[keep][order], area[keep][order], first, count
 
 
-def _load_coco(img_folder, ann_file):
-    """Validated pycocotools COCO object and its sorted image ids, after checking every image file exists."""
+def _label(label_of, ann, ann_file):
+    label = label_of.get(ann["category_id"])
+    if label is None:
+        raise DatasetError(
+            f"{ann_file}: annotation id {ann['id']} (image id {ann['image_id']}) has category id "
+            f"{ann['category_id']}, which is not one of the model's classes"
+        )
+    return label
+
+
+def load_annotation_file(ann_file):
+    """The validated pycocotools COCO object of a COCO detection file; bad input raises a one-line DatasetError."""
     data = _read_json(ann_file)
     _check_coco_dict(data, ann_file)
-    coco = _build_coco_api(data)
+    return _build_coco_api(data)
+
+
+def _load_coco(img_folder, ann_file, coco=None):
+    """Validated pycocotools COCO object (read from ann_file unless given) and its sorted image ids, after checking
+    every image file exists."""
+    if coco is None:
+        coco = load_annotation_file(ann_file)
     ids = sorted(coco.imgs)
     missing = [i for i in ids if not os.path.isfile(os.path.join(img_folder, coco.imgs[i]["file_name"]))]
     if missing:
-        more = f"; {len(missing) - 1} more image files are missing" if len(missing) > 1 else ""
         path = os.path.join(img_folder, coco.imgs[missing[0]]["file_name"])
+        if 2 * len(missing) > len(ids):  # not a few lost files: the wrong folder, or the wrong file for it
+            raise DatasetError(
+                f"{img_folder} and {ann_file} do not belong together: {len(missing)} of the {len(ids)} images the "
+                f"annotation file lists are not in the image folder (first: {path})"
+            )
+        more = f"; {len(missing) - 1} more image files are missing" if len(missing) > 1 else ""
         raise DatasetError(f"{path}: image file not found (image id {missing[0]}, listed in {ann_file}){more}")
     return coco, ids
+
+
+# Labels equal category ids while the largest id is at most this many times the number of classes, i.e. while at
+# most half of the classifier's outputs stand for ids that no category has. COCO (80 categories, largest id 90)
+# stays as torchvision's weights index it; ids from 0, sparse or huge ids get labels 1..K instead.
+IDENTITY_LABELS_MAX_ID_RATIO = 2
+
+
+def _merge_categories(cocos):
+    """{category id: (name, supercategory, file)} over all files; an id named differently in two files is an error."""
+    merged = {}
+    for ann_file, coco in cocos.items():
+        for category_id, category in coco.cats.items():
+            name = category["name"]
+            seen = merged.setdefault(category_id, (name, category.get("supercategory"), ann_file))
+            if seen[0] != name:
+                raise DatasetError(
+                    f'{seen[2]} and {ann_file}: category id {category_id} is "{seen[0]}" in the first and "{name}" '
+                    "in the second; one id must name the same class in both files"
+                )
+    return merged
+
+
+def _parent_category(merged, used_ids):
+    """The id of a Roboflow-style parent category, or None: a category no annotation uses, whose name is the
+    "supercategory" of every other category (Roboflow exports {"id": 0, "name": <project>} above the real ones)."""
+    supercategories = [supercategory for _, supercategory, _ in merged.values()]
+    others = len(merged) - 1
+    for category_id, (name, supercategory, _) in merged.items():
+        if category_id not in used_ids and others and supercategories.count(name) - (supercategory == name) == others:
+            return category_id
+    return None
+
+
+def build_category_table(cocos):
+    """The category table {label: {"id": category id, "name": name}} of the union of the categories of `cocos`
+    ({annotation file: COCO object}, e.g. the training and validation files).
+
+    - A Roboflow-style parent category (see `_parent_category`) is left out, with one printed line.
+    - Labels equal category ids where every id is >= 1 and the largest id is at most
+      IDENTITY_LABELS_MAX_ID_RATIO times the number of categories; otherwise the categories get labels 1..K in
+      ascending id order, so ids from 0, sparse and huge ids cost nothing.
+    Label 0 is the background and never in the table.
+    """
+    merged = _merge_categories(cocos)
+    used_ids = {ann["category_id"] for coco in cocos.values() for ann in coco.dataset["annotations"]}
+    parent = _parent_category(merged, used_ids)
+    if parent is not None:
+        name, _, ann_file = merged.pop(parent)
+        print(f'{ann_file}: category id {parent} "{name}" is not made a class: no box uses it and it is the '
+              "supercategory of all the others (the parent category of a Roboflow export)")
+    ids = sorted(merged)
+    if not ids:
+        raise DatasetError(f"{' and '.join(cocos)}: no categories to learn (the \"categories\" list is empty)")
+    identity = ids[0] >= 1 and ids[-1] <= IDENTITY_LABELS_MAX_ID_RATIO * len(ids)
+    labels = ids if identity else range(1, len(ids) + 1)
+    return {label: {"id": category_id, "name": merged[category_id][0]} for label, category_id in zip(labels, ids)}
 
 
 def _to_rgb(image):
@@ -185,18 +277,24 @@ class CocoDetection(torch.utils.data.Dataset):
     """COCO-format detection dataset returning (PIL RGB image, target) with target
     {"boxes": float32 [N, 4] XYXY, "labels": int64 [N], "image_id": int, "area": float32 [N], "iscrowd": int64 [N]}.
 
+    "labels" are the model's labels of the category table `categories` (default: the table of this file alone,
+    see build_category_table); `self.coco` keeps the file's own category ids for evaluation.
     With `drop_images_without_boxes` (training), images left without a usable box are removed, judged from the
-    annotation file alone.
+    annotation file alone. `coco` is the file already read by load_annotation_file, to avoid reading it twice.
     """
 
-    def __init__(self, img_folder, ann_file, transforms=None, drop_images_without_boxes=False):
-        self.coco, ids = _load_coco(img_folder, ann_file)
+    def __init__(self, img_folder, ann_file, transforms=None, drop_images_without_boxes=False, categories=None,
+                 coco=None):
+        self.coco, ids = _load_coco(img_folder, ann_file, coco)
+        self.categories = categories if categories is not None else build_category_table({ann_file: self.coco})
         self.img_folder = img_folder
         self.ann_file = ann_file
         self.transforms = transforms
         # Targets live in a few flat arrays rather than per-image Python objects: cheap to build for COCO's
         # 860k boxes and not copied page by page into every forked DataLoader worker by reference counting.
-        self._boxes, self._labels, self._area, first, count = _usable_boxes(self.coco, ids)
+        self._boxes, self._labels, self._area, first, count = _usable_boxes(
+            self.coco, ids, _label_of(self.categories), ann_file
+        )
         if drop_images_without_boxes:
             has_box = count > 0
             ids = [i for i, keep in zip(ids, has_box) if keep]
@@ -234,46 +332,93 @@ class CocoDetection(torch.utils.data.Dataset):
         return image, target
 
 
-def _get_coco_v2(img_folder, ann_file, transforms, drop_images_without_boxes):
+def _label_of(categories):
+    return {entry["id"]: label for label, entry in categories.items()}
+
+
+class _V2Labels:
+    """The v2 path's first transform: torchvision's wrapper hands over category ids as "labels", and {"image_id"}
+    alone for an image without annotations; this turns the ids into labels and gives such images empty "boxes" and
+    "labels" (a pure negative, as the v1 path gives), then runs `transforms`."""
+
+    def __init__(self, label_of, transforms):
+        self.label_of = label_of
+        self.transforms = transforms
+
+    def __call__(self, image, target):
+        from torchvision import tv_tensors
+        from torchvision.transforms.v2 import functional as F
+
+        if "boxes" in target:
+            labels = [self.label_of[category_id] for category_id in target["labels"].tolist()]
+        else:
+            canvas_size = tuple(F.get_size(image))
+            target["boxes"] = tv_tensors.BoundingBoxes(torch.zeros(0, 4), format="XYXY", canvas_size=canvas_size)
+            labels = []
+        target["labels"] = torch.tensor(labels, dtype=torch.int64)
+        return (image, target) if self.transforms is None else self.transforms(image, target)
+
+
+def _get_coco_v2(img_folder, ann_file, transforms, drop_images_without_boxes, categories, coco):
     """torchvision's own dataset and v2 wrapper, as torchvision's references use with --use-v2.
 
     Its targets differ from CocoDetection above: crowd annotations stay as ordinary boxes, boxes are neither
     clamped nor filtered here (transforms.v2.SanitizeBoundingBoxes later drops those under 1 pixel, while v1 keeps
-    sub-pixel boxes), there is no "area"/"iscrowd", and an image without annotations gets {"image_id"} only.
-    Training images are filtered by the same rule as v1, so both paths see the same images.
+    sub-pixel boxes) and there is no "area"/"iscrowd". Labels follow the same category table as v1, and training
+    images are filtered by the same rule, so both paths see the same images.
     """
     import torchvision
 
-    coco, ids = _load_coco(img_folder, ann_file)
+    coco, ids = _load_coco(img_folder, ann_file, coco)
+    if categories is None:
+        categories = build_category_table({ann_file: coco})
+    label_of = _label_of(categories)
+    count = _usable_boxes(coco, ids, label_of, ann_file)[4]
     with contextlib.redirect_stdout(io.StringIO()):
-        dataset = torchvision.datasets.CocoDetection(img_folder, ann_file, transforms=transforms)
+        dataset = torchvision.datasets.CocoDetection(img_folder, ann_file, transforms=_V2Labels(label_of, transforms))
     # torchvision read the file a second time; use the validated copy (with "area"/"iscrowd" filled in where the
     # file omits them, which pycocotools' evaluation needs) so both paths evaluate against the same ground truth.
     dataset.coco = coco
     dataset.ids = ids
+    dataset.categories = categories
     if drop_images_without_boxes:
-        count = _usable_boxes(coco, ids)[4]
         dataset.ids = [i for i, n in zip(ids, count) if n > 0]
     return torchvision.datasets.wrap_dataset_for_transforms_v2(dataset, target_keys=["boxes", "labels", "image_id"])
 
 
-def get_coco(root, image_set, transforms, use_v2=False):
+def split_paths(root, image_set, img_folder=None, ann_file=None):
+    """(image folder, annotation file) of a split: those given, the others from the COCO 2017 layout under root
+    (root/train2017, root/annotations/instances_train2017.json, ...); a missing one is a one-line DatasetError."""
     if image_set not in SPLITS:
         raise ValueError(f"image_set must be one of {sorted(SPLITS)}, got {image_set!r}")
     folder, annotations = SPLITS[image_set]
-    img_folder, ann_file = os.path.join(root, folder), os.path.join(root, annotations)
+    uses_root = img_folder is None or ann_file is None
+    img_folder = img_folder or os.path.join(root, folder)
+    ann_file = ann_file or os.path.join(root, annotations)
     expected = f"expected {img_folder}{os.sep} and {ann_file}"
-    if not os.path.isdir(root):
+    if uses_root and not os.path.isdir(root):
         raise DatasetError(f"{root}: data folder not found ({expected})")
     for path in (img_folder, ann_file):
         if not os.path.exists(path):
             raise DatasetError(f"{path}: not found ({expected})")
+    return img_folder, ann_file
 
-    drop_images_without_boxes = image_set == "train"
+
+def get_coco(root, image_set, transforms, use_v2=False, *, img_folder=None, ann_file=None, categories=None,
+             keep_empty_images=False, coco=None):
+    """The "train" or "val" split as a dataset of (image, target).
+
+    img_folder / ann_file: the split's files (default: the COCO 2017 layout under root, see split_paths).
+    categories: the category table giving the labels (default: ann_file's own, see build_category_table).
+    keep_empty_images: keep training images without a usable box, as pure negatives (default: drop them, as
+    torchvision does). coco: ann_file already read by load_annotation_file.
+    """
+    img_folder, ann_file = split_paths(root, image_set, img_folder, ann_file)
+    drop_images_without_boxes = image_set == "train" and not keep_empty_images
     if use_v2:
-        dataset = _get_coco_v2(img_folder, ann_file, transforms, drop_images_without_boxes)
+        dataset = _get_coco_v2(img_folder, ann_file, transforms, drop_images_without_boxes, categories, coco)
     else:
-        dataset = CocoDetection(img_folder, ann_file, transforms, drop_images_without_boxes)
+        dataset = CocoDetection(img_folder, ann_file, transforms, drop_images_without_boxes, categories, coco)
     if drop_images_without_boxes and len(dataset) == 0:
         raise DatasetError(f"{ann_file}: no training image has a usable box (non-crowd, positive width and height)")
     return dataset
@@ -285,18 +430,70 @@ def _unwrap(dataset):
     return dataset
 
 
+def _image_height_width(image):
+    if isinstance(image, Image.Image):
+        return image.height, image.width
+    return tuple(int(n) for n in image.shape[-2:])  # tensors and tv_tensors: [..., H, W]
+
+
+def _annotations_of_target(target, first_id):
+    """COCO annotation dicts of one target (boxes XYXY -> bbox XYWH); "area" and "iscrowd" are used if present."""
+    boxes = torch.as_tensor(target["boxes"], dtype=torch.float64).reshape(-1, 4)
+    xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1)
+    area = torch.as_tensor(target.get("area", xywh[:, 2] * xywh[:, 3])).reshape(-1)
+    iscrowd = torch.as_tensor(target.get("iscrowd", torch.zeros(len(boxes)))).reshape(-1)
+    labels = torch.as_tensor(target["labels"]).reshape(-1)
+    return [
+        {"id": first_id + n, "image_id": int(target["image_id"]), "category_id": label, "bbox": bbox,
+         "area": float(a), "iscrowd": int(crowd)}
+        for n, (bbox, label, a, crowd) in enumerate(zip(xywh.tolist(), labels.tolist(), area.tolist(), iscrowd.tolist()))
+    ]
+
+
+def coco_from_targets(dataset):
+    """COCO ground truth (a pycocotools COCO object) built from any detection dataset's own targets.
+
+    The dataset returns (image, target) with target["image_id"] (int), target["boxes"] (XYXY in the returned
+    image's pixels) and target["labels"]; "area" and "iscrowd" are used when present (default: box area, 0).
+    Every item is loaded once, images included (their sizes are the returned images'), so this is slow on a large
+    dataset. Category ids are the labels. get_coco_api_from_dataset uses it for datasets not made by get_coco.
+    """
+    images, annotations = [], []
+    for index in range(len(dataset)):
+        image, target = dataset[index]
+        height, width = _image_height_width(image)
+        images.append({"id": int(target["image_id"]), "width": width, "height": height})
+        annotations += _annotations_of_target(target, first_id=len(annotations) + 1)
+    labels = sorted({ann["category_id"] for ann in annotations})
+    categories = [{"id": label, "name": str(label)} for label in labels]
+    return _build_coco_api({"images": images, "annotations": annotations, "categories": categories})
+
+
 def get_coco_api_from_dataset(dataset):
-    """The pycocotools COCO object holding the dataset's ground truth (read from its file, no image decoding)."""
+    """The pycocotools COCO object holding the dataset's ground truth: for get_coco's datasets (also inside Subsets)
+    the annotation file, read at construction, in the file's category ids; for any other dataset, built from its
+    targets by coco_from_targets (which loads every item), with the labels as category ids."""
     coco = getattr(_unwrap(dataset), "coco", None)
-    if not isinstance(coco, COCO):
-        raise TypeError(f"{type(dataset).__name__} carries no COCO annotations; build it with coco_utils.get_coco")
-    return coco
+    return coco if isinstance(coco, COCO) else coco_from_targets(dataset)
+
+
+def get_categories(dataset, coco_gt=None):
+    """The category table {label: {"id": category id, "name": name}} of the dataset's labels (CONTRACTS.md 1).
+
+    get_coco's datasets carry theirs. For any other dataset the labels are the category ids of its ground truth
+    (coco_gt, built by get_coco_api_from_dataset when not given).
+    """
+    unwrapped = _unwrap(dataset)
+    if isinstance(getattr(unwrapped, "coco", None), COCO) and isinstance(getattr(unwrapped, "categories", None), dict):
+        return unwrapped.categories
+    cats = (coco_gt or get_coco_api_from_dataset(dataset)).cats
+    return {category_id: {"id": category_id, "name": cat["name"]} for category_id, cat in sorted(cats.items())}
 
 
 def get_num_classes(dataset):
-    """Largest category id + 1 (ids index the classifier directly; 0 is the background): 91 on COCO."""
-    return max(get_coco_api_from_dataset(dataset).cats, default=0) + 1
+    """Largest label + 1 (label 0 is the background): 91 on COCO, whose labels are its category ids."""
+    return max(get_categories(dataset), default=0) + 1
 
 
 def get_category_names(dataset):
-    return {cat_id: cat["name"] for cat_id, cat in sorted(get_coco_api_from_dataset(dataset).cats.items())}
+    return {label: entry["name"] for label, entry in sorted(get_categories(dataset).items())}

@@ -6,7 +6,7 @@ import torch
 
 import utils
 from coco_eval import CocoEvaluator
-from coco_utils import get_coco_api_from_dataset
+from coco_utils import get_categories, get_coco_api_from_dataset
 
 
 class NonFiniteLossError(RuntimeError):
@@ -74,7 +74,9 @@ def evaluate(model, data_loader, device, coco_backend="pycocotools", amp_dtype=N
     model.eval()
     metric_logger = utils.MetricLogger(delimiter="  ")
     header = "Test:"
-    coco_evaluator = CocoEvaluator(get_coco_api_from_dataset(data_loader.dataset), backend=coco_backend)
+    coco_gt = get_coco_api_from_dataset(data_loader.dataset)
+    categories = get_categories(data_loader.dataset, coco_gt)  # labels -> the annotation file's category ids
+    coco_evaluator = CocoEvaluator(coco_gt, backend=coco_backend, categories=categories)
 
     for images, targets in metric_logger.log_every(data_loader, 100, header):
         images = [image.to(device, non_blocking=True) for image in images]

@@ -59,6 +59,16 @@ def get_args_parser(add_help=True):
                       help="coco: any COCO-layout folder; shapes: the built-in synthetic set, generated on first use")
     data.add_argument("--data-path", default=None,
                       help="dataset root (default: data/coco or data/shapes)")
+    data.add_argument("--train-images", default=None, metavar="DIR",
+                      help="training image folder (default: DATA_PATH/train2017)")
+    data.add_argument("--train-annotations", default=None, metavar="FILE",
+                      help="training COCO annotation file (default: DATA_PATH/annotations/instances_train2017.json)")
+    data.add_argument("--val-images", default=None, metavar="DIR",
+                      help="validation image folder (default: DATA_PATH/val2017)")
+    data.add_argument("--val-annotations", default=None, metavar="FILE",
+                      help="validation COCO annotation file (default: DATA_PATH/annotations/instances_val2017.json)")
+    data.add_argument("--keep-empty-images", action="store_true",
+                      help="keep training images without boxes as pure negatives (default: drop them, as torchvision)")
     data.add_argument("--shapes-num-train", default=1000, type=int, help="training images of the shapes dataset")
     data.add_argument("--shapes-num-val", default=200, type=int, help="validation images of the shapes dataset")
     data.add_argument("-j", "--workers", default=4, type=int, help="data loading workers per process")
@@ -167,9 +177,33 @@ def prepare_data_root(args):
                                      num_val=args.shapes_num_val)
 
 
-def get_dataset(is_train, args):
-    image_set = "train" if is_train else "val"
-    return coco_utils.get_coco(args.data_path, image_set, get_transform(is_train, args), use_v2=args.use_v2)
+def get_datasets(args):
+    """(training dataset, or None with --test-only; validation dataset), labelled by one category table made from
+    the union of the training and validation files' categories, so that a label means the same class in training
+    and in any later evaluation. With --test-only the training file is read for its categories where it exists."""
+    paths = {"val": coco_utils.split_paths(args.data_path, "val", args.val_images, args.val_annotations)}
+    try:
+        paths["train"] = coco_utils.split_paths(args.data_path, "train", args.train_images, args.train_annotations)
+    except coco_utils.DatasetError:
+        if not args.test_only:
+            raise
+        print(f"No training split found: the classes are those of {paths['val'][1]} alone")
+    splits = [split for split in ("train", "val") if split in paths]
+    cocos = {split: coco_utils.load_annotation_file(paths[split][1]) for split in splits}
+    categories = coco_utils.build_category_table({paths[split][1]: cocos[split] for split in splits})
+    if any(label != entry["id"] for label, entry in categories.items()):
+        ids = [entry["id"] for entry in categories.values()]
+        print(f"{len(ids)} categories with ids {min(ids)}..{max(ids)}: the model's labels are 1..{len(ids)} in "
+              "ascending id order; evaluation results keep the annotation files' ids")
+
+    def make_dataset(split, is_train):
+        img_folder, ann_file = paths[split]
+        return coco_utils.get_coco(
+            args.data_path, split, get_transform(is_train, args), use_v2=args.use_v2, img_folder=img_folder,
+            ann_file=ann_file, categories=categories, keep_empty_images=args.keep_empty_images, coco=cocos[split],
+        )
+
+    return None if args.test_only else make_dataset("train", True), make_dataset("val", False)
 
 
 def choose_seed(args, resume_checkpoint):
@@ -287,6 +321,18 @@ def load_resume_checkpoint(args):
     return checkpoint
 
 
+def check_resume_categories(args, checkpoint, categories):
+    """A resumed model's labels must stand for the same category ids and names as this data's. Older checkpoints,
+    which stored {label: name}, are not checked."""
+    saved = checkpoint.get("categories") or {}
+    if not all(isinstance(entry, dict) for entry in saved.values()) or saved == categories:
+        return
+    label = min(k for k in set(saved) | set(categories) if saved.get(k) != categories.get(k))
+    there, here = saved.get(label), categories.get(label)
+    raise ConfigError(f"--resume {args.resume} was trained on other categories than this data's: label {label} is "
+                      f"{there or 'no class'} there and {here or 'no class'} here")
+
+
 def build_model(args, num_classes, device, resume_checkpoint):
     kwargs = {}
     if args.trainable_backbone_layers is not None:
@@ -365,9 +411,11 @@ def main(args):
 
     print("Loading data")
     prepare_data_root(args)
-    dataset_test = get_dataset(False, args)
+    dataset, dataset_test = get_datasets(args)
     num_classes = coco_utils.get_num_classes(dataset_test)
-    categories = coco_utils.get_category_names(dataset_test)
+    categories = coco_utils.get_categories(dataset_test)
+    if resume_checkpoint is not None:
+        check_resume_categories(args, resume_checkpoint, categories)
     data_loader_test = build_eval_loader(dataset_test, args)
 
     print("Creating model")
@@ -383,7 +431,6 @@ def main(args):
         engine.evaluate(model, data_loader_test, device, coco_backend=args.coco_backend, amp_dtype=amp_dtype)
         return
 
-    dataset = get_dataset(True, args)
     data_loader, train_sampler = build_train_loader(dataset, args)
     optimizer = build_optimizer(model_without_ddp, args)
     lr_scheduler = build_lr_scheduler(optimizer, args)

@@ -52,13 +52,14 @@ ANNOTATIONS = [
     {"id": 12, "image_id": 9, "category_id": 1, "bbox": [3, 3, 6, 0], "area": 0.0, "iscrowd": 0},
 ]
 
+# Category ids 1, 3, 7: the largest id is above twice the number of categories, so labels are 1, 2, 3.
 EXPECTED = {  # image id -> (boxes, labels, area) of the v1 target
-    1: ([[2, 3, 12, 8], [0, 20, 15, 30]], [1, 7], [40.0, 100.0]),
-    2: ([[1.5, 2.5, 6.5, 8.5]], [7], [30.0]),
-    3: ([[0, 0, 24, 18]], [3], [432.0]),
+    1: ([[2, 3, 12, 8], [0, 20, 15, 30]], [1, 3], [40.0, 100.0]),
+    2: ([[1.5, 2.5, 6.5, 8.5]], [3], [30.0]),
+    3: ([[0, 0, 24, 18]], [2], [432.0]),
     4: ([[4, 4, 12, 12]], [1], [64.0]),
     5: ([[28, 28, 30, 30]], [1], [4.0]),
-    6: ([[1, 1, 4, 4]], [3], [9.0]),
+    6: ([[1, 1, 4, 4]], [2], [9.0]),
     7: ([], [], []),
     8: ([], [], []),
     9: ([], [], []),
@@ -169,10 +170,11 @@ def test_coco_api_num_classes_and_names_come_from_the_annotation_file(coco_root)
         os.remove(os.path.join(coco_root, "val2017", name))  # proves nothing is decoded
     subset = Subset(Subset(dataset, [0, 2, 4]), [1])
     assert coco_utils.get_coco_api_from_dataset(subset) is dataset.coco
-    assert coco_utils.get_num_classes(subset) == 8
-    assert coco_utils.get_category_names(dataset) == {1: "cat", 3: "dog", 7: "kite"}
-    with pytest.raises(TypeError, match="no COCO annotations"):
-        coco_utils.get_coco_api_from_dataset([1, 2])
+    assert coco_utils.get_num_classes(subset) == 4
+    assert coco_utils.get_category_names(dataset) == {1: "cat", 2: "dog", 3: "kite"}
+    assert coco_utils.get_categories(subset) == {
+        1: {"id": 1, "name": "cat"}, 2: {"id": 3, "name": "dog"}, 3: {"id": 7, "name": "kite"}
+    }
 
 
 # ---------------------------------------------------------------- bad input
