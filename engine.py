@@ -1,12 +1,12 @@
-"""One training epoch and one COCO evaluation pass."""
+"""One training epoch and one evaluation pass (COCO AP, or the VOC devkit's AP on Pascal VOC)."""
 import math
 import time
 
 import torch
 
 import utils
-from coco_eval import CocoEvaluator
-from coco_utils import get_coco_api_from_dataset
+from coco_eval import CocoEvaluator, VocEvaluator
+from coco_utils import get_coco_api_from_dataset, is_voc
 
 
 class NonFiniteLossError(RuntimeError):
@@ -68,13 +68,22 @@ def train_one_epoch(model, optimizer, data_loader, device, epoch, print_freq, sc
     return {**means, "lr": optimizer.param_groups[0]["lr"]}
 
 
+def get_evaluator(dataset, coco_backend):
+    """The evaluator for the dataset: the VOC devkit's AP for Pascal VOC, else COCO's."""
+    coco_gt = get_coco_api_from_dataset(dataset)
+    if is_voc(coco_gt):
+        return VocEvaluator(coco_gt)
+    return CocoEvaluator(coco_gt, backend=coco_backend)
+
+
 @torch.inference_mode()
 def evaluate(model, data_loader, device, coco_backend="pycocotools", amp_dtype=None):
-    """COCO bbox evaluation of model on data_loader's dataset (all ranks); returns the 12 summary stats."""
+    """Evaluate model on data_loader's dataset (all ranks); returns the evaluator's metrics ({"coco": ...} or
+    {"voc": ...})."""
     model.eval()
     metric_logger = utils.MetricLogger(delimiter="  ")
     header = "Test:"
-    coco_evaluator = CocoEvaluator(get_coco_api_from_dataset(data_loader.dataset), backend=coco_backend)
+    coco_evaluator = get_evaluator(data_loader.dataset, coco_backend)
 
     for images, targets in metric_logger.log_every(data_loader, 100, header):
         images = [image.to(device, non_blocking=True) for image in images]
@@ -89,4 +98,4 @@ def evaluate(model, data_loader, device, coco_backend="pycocotools", amp_dtype=N
     coco_evaluator.synchronize_between_processes()
     coco_evaluator.accumulate()
     coco_evaluator.summarize()
-    return coco_evaluator.stats
+    return coco_evaluator.metrics()
