@@ -134,8 +134,7 @@ def _render_split(split, num_images, seed):
         yield (index + 1, *render_sample(np.random.default_rng([seed, _SPLIT_SEEDS[split], index])))
 
 
-def _write_split(root, split, num_images, seed, first_number=0):
-    """The split in COCO layout (first_number is for the VOC layout's shared image folder)."""
+def _write_split(root, split, num_images, seed):
     folder, ann_path = SPLITS[split]
     os.makedirs(os.path.join(root, folder))
     images, annotations = [], []
@@ -182,14 +181,14 @@ def _voc_annotation(voc_id, image, objects):
     return ElementTree.ElementTree(annotation)
 
 
-def _write_voc_split(root, split, num_images, seed, first_number):
-    """The split in VOC layout; its image ids continue from first_number, as all share one JPEGImages folder."""
+def _write_voc_split(root, split, num_images, seed):
+    """The split in VOC layout; image ids such as train_000001 keep the splits apart in the one JPEGImages folder."""
     folder = os.path.join(root, "VOC2007")
     for subfolder in ("JPEGImages", "Annotations", os.path.join("ImageSets", "Main")):
         os.makedirs(os.path.join(folder, subfolder), exist_ok=True)
     voc_ids = []
     for number, image, objects in _render_split(split, num_images, seed):
-        voc_id = f"{first_number + number:06d}"
+        voc_id = f"{split}_{number:06d}"
         image.save(os.path.join(folder, "JPEGImages", f"{voc_id}.jpg"), quality=92)
         _voc_annotation(voc_id, image, objects).write(os.path.join(folder, "Annotations", f"{voc_id}.xml"))
         voc_ids.append(voc_id)
@@ -215,8 +214,8 @@ def _generate(root, params):
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(root)}.tmp-", dir=parent)
     write = _write_voc_split if params.get("layout") == "voc" else _write_split
     try:
-        write(tmp, "train", params["num_train"], params["seed"], first_number=0)
-        write(tmp, "val", params["num_val"], params["seed"], first_number=params["num_train"])
+        write(tmp, "train", params["num_train"], params["seed"])
+        write(tmp, "val", params["num_val"], params["seed"])
         with open(os.path.join(tmp, MANIFEST), "w") as f:  # written last: its presence marks a complete dataset
             json.dump(params, f)
         try:
