@@ -211,7 +211,8 @@ class VocEvaluator(CocoEvaluator):
             mine = labels == label
             gt_boxes, gt_difficult = self._ground_truth(image_id, label)
             positives += int(np.count_nonzero(~gt_difficult))
-            xyxy = np.concatenate([boxes[mine, :2], boxes[mine, :2] + boxes[mine, 2:]], axis=1).astype(np.float64)
+            xywh = boxes[mine].astype(np.float64)  # stored as COCO results: back to XYXY
+            xyxy = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
             tp, fp = _match_image(xyxy, image_scores[mine], gt_boxes, gt_difficult)
             scores.append(image_scores[mine])
             true_positive.append(tp)
@@ -246,8 +247,8 @@ class VocEvaluator(CocoEvaluator):
         """Print the per-class AP table (both metrics, labelled) and the means."""
         mean_11_point, mean_area = self._means()
         print(f"Pascal VOC AP at IoU {VOC_IOU_THRESHOLD} on {len(self.detections)} images: "
-              "AP_11pt = VOC2007 11-point (the SSD paper's), AP_area = VOC2010+ area under the curve")
-        width = max(len(name) for name in self.class_names.values())
+              "AP_11pt = VOC2007 11-point (the SSD paper's), AP_area = VOC2010+ area")
+        width = max(len(name) for name in ["class", *self.class_names.values()])
         print(f"{'class':<{width}}  AP_11pt  AP_area  objects")
         for name in self.class_names.values():
             result = self.per_class.get(name)

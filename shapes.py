@@ -7,9 +7,10 @@ writes DIR/train2017/*.jpg, DIR/val2017/*.jpg and DIR/annotations/instances_{tra
 same coco_utils.get_coco path as real COCO. With --format voc it writes the same images and boxes in Pascal VOC's
 VOCdevkit layout instead: DIR/VOC2007/{JPEGImages,Annotations}/ with the training images listed in
 ImageSets/Main/trainval.txt and the validation images in test.txt, shapes smaller than a fifth of the image's
-shorter side marked difficult; train.py --dataset voc --voc-classes circle rectangle triangle star cross reads it. Content is deterministic from the seed: images of 128-320 pixels a
-side on flat, gradient or noisy backgrounds, each with 1-4 filled shapes of five classes in varied colours and
-sizes, overlapping a little at most, with tight boxes.
+shorter side marked difficult; train.py --dataset voc --voc-classes circle rectangle triangle star cross reads it.
+
+Content is deterministic from the seed: images of 128-320 pixels a side on flat, gradient or noisy backgrounds, each
+with 1-4 filled shapes of five classes in varied colours and sizes, overlapping a little at most, with tight boxes.
 
 ensure_shapes_dataset() generates on first use and reuses the folder afterwards. Generation happens in a temporary
 folder beside the target that is renamed into place when complete, so concurrent callers (e.g. several torchrun
@@ -254,7 +255,7 @@ def ensure_shapes_dataset(root, num_train=1000, num_val=200, seed=0, layout="coc
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Write the synthetic shapes detection dataset in COCO (or VOC) layout.")
+    parser = argparse.ArgumentParser(description="Write the synthetic shapes detection dataset in COCO or VOC layout.")
     parser.add_argument("--output", required=True, help="folder to create (reused if it already holds the same dataset)")
     parser.add_argument("--num-train", type=int, default=1000, help="number of training images")
     parser.add_argument("--num-val", type=int, default=200, help="number of validation images")

@@ -152,7 +152,10 @@ def validate_args(args):
 
 def voc_splits(args, is_train):
     """The --train-split / --val-split YEAR/LIST values as (year, list) pairs, or None for get_voc's default."""
-    flag, value = ("--train-split", args.train_split) if is_train else ("--val-split", args.val_split and [args.val_split])
+    if is_train:
+        flag, value = "--train-split", args.train_split
+    else:
+        flag, value = "--val-split", None if args.val_split is None else [args.val_split]
     try:
         return None if value is None else [coco_utils.parse_voc_split(split) for split in value]
     except ValueError as error:
@@ -425,7 +428,8 @@ def main(args):
         lr_scheduler.step()
         metrics = {}
         if (epoch + 1) % args.eval_freq == 0 or epoch + 1 == args.epochs:
-            metrics = engine.evaluate(model, data_loader_test, device, coco_backend=args.coco_backend, amp_dtype=amp_dtype)
+            metrics = engine.evaluate(model, data_loader_test, device, coco_backend=args.coco_backend,
+                                      amp_dtype=amp_dtype)
         # Captured after evaluation so a resumed run starts the next epoch from exactly this state.
         rng_states = utils.all_gather(utils.get_rng_state())
         if args.output_dir and utils.is_main_process():

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 import coco_utils
+import presets
 import shapes
 from coco_eval import VocEvaluator
 from conftest import TINY_SHAPES, assert_ok, read_log, run_script, torchrun, train_args
@@ -94,12 +95,15 @@ def test_voc_ap_follows_the_devkit_on_hand_computed_cases(tmp_path, capsys):
 def test_voc_detections_below_half_overlap_and_on_other_images_are_false_positives(tmp_path):
     root = write_voc(tmp_path / "voc", {"a": (40, 40, [("cat", (1, 1, 20, 20), False)]), "b": (40, 40, [])},
                      {"test": ["a", "b"]})
-    evaluator = VocEvaluator(coco_utils.get_coco_api_from_dataset(coco_utils.get_voc(root, "val", None, classes=["cat"])))
+    dataset = coco_utils.get_voc(root, "val", None, classes=["cat"])
+    evaluator = VocEvaluator(coco_utils.get_coco_api_from_dataset(dataset))
     # IoU 199 / 400 just under 0.5: an FP ranked first; then a TP; then an FP on the image without objects.
-    evaluator.update({1: detections((0, 0, 20, 9.95, 0.9, 1), (0, 0, 20, 20, 0.8, 1)), 2: detections((0, 0, 5, 5, 0.7, 1))})
+    evaluator.update({1: detections((0, 0, 20, 9.95, 0.9, 1), (0, 0, 20, 20, 0.8, 1)),
+                      2: detections((0, 0, 5, 5, 0.7, 1))})
     evaluator.accumulate()
     # recall 0, 1, 1 at precision 0, 1/2, 1/3: every threshold sees 1/2; the area is 1 * 1/2.
-    assert evaluator.metrics()["voc"]["per_class"]["cat"] == {"AP_11pt": pytest.approx(0.5), "AP_area": pytest.approx(0.5)}
+    cat = evaluator.metrics()["voc"]["per_class"]["cat"]
+    assert cat == {"AP_11pt": pytest.approx(0.5), "AP_area": pytest.approx(0.5)}
 
 
 @pytest.fixture(scope="module")
@@ -132,8 +136,19 @@ def test_voc_boxes_are_the_annotated_pixels_and_difficult_objects_stay_out_of_tr
         dropped += int(small.sum())
     assert dropped > 0
 
+    # torchvision's v2 dataset wrapper (--use-v2) reads the same converted ground truth: the same training targets.
+    v1 = coco_utils.get_voc(voc_shapes_root, "train", presets.DetectionPresetEval(), classes=SHAPE_CLASSES)
+    v2 = coco_utils.get_voc(voc_shapes_root, "train", presets.DetectionPresetEval(use_v2=True), use_v2=True,
+                            classes=SHAPE_CLASSES)
+    assert v1.ids == default.ids and len(v2) == len(v1)
+    for index in range(len(v1)):
+        (_, expected), (_, target) = v1[index], v2[index]
+        assert torch.equal(target["boxes"].as_subclass(torch.Tensor), expected["boxes"])
+        assert torch.equal(target["labels"], expected["labels"])
+
     # Evaluation keeps the difficult objects, flagged, for the devkit's ignore rule; test.txt holds the val images.
-    ground_truth = coco_utils.get_coco_api_from_dataset(coco_utils.get_voc(voc_shapes_root, "val", None, classes=SHAPE_CLASSES))
+    val = coco_utils.get_voc(voc_shapes_root, "val", None, classes=SHAPE_CLASSES)
+    ground_truth = coco_utils.get_coco_api_from_dataset(val)
     coco_val = coco_utils.get_coco_api_from_dataset(coco_utils.get_coco(shapes_root, "val", None))
     assert len(ground_truth.anns) == len(coco_val.anns)
     assert [a["bbox"] for a in ground_truth.anns.values()] == [a["bbox"] for a in coco_val.anns.values()]
@@ -141,8 +156,8 @@ def test_voc_boxes_are_the_annotated_pixels_and_difficult_objects_stay_out_of_tr
 
 
 def test_voc_default_classes_are_the_devkits_twenty_in_order(tmp_path):
-    root = write_voc(tmp_path / "voc", {"x": (50, 40, [("person", (5, 6, 30, 40), False), ("tvmonitor", (1, 1, 50, 40), False)])},
-                     {"trainval": ["x"]})
+    objects = [("person", (5, 6, 30, 40), False), ("tvmonitor", (1, 1, 50, 40), False)]
+    root = write_voc(tmp_path / "voc", {"x": (50, 40, objects)}, {"trainval": ["x"]})
     dataset = coco_utils.get_voc(root, "train", None)
     _, target = dataset[0]
     assert target["labels"].tolist() == [15, 20]
