@@ -357,7 +357,8 @@ def _read_voc_list(root, year, name):
             # The first word of each line: class lists such as cat_trainval.txt add a 1/-1 column.
             return path, [line.split()[0] for line in f if line.strip()]
     except FileNotFoundError:
-        raise DatasetError(f"{path}: image set list not found (VOC split {year}/{name})") from None
+        raise DatasetError(f"{path}: image set list not found (VOC split {year}/{name}; "
+                           "--train-split and --val-split choose the lists)") from None
     except (OSError, UnicodeDecodeError) as e:
         raise DatasetError(f"{path}: cannot read image set list: {_one_line(e)}") from None
 
