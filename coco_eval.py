@@ -190,11 +190,12 @@ class VocEvaluator(CocoEvaluator):
     order on ties; here that order is the images' (ids follow the split lists) and each image's detections as the
     model returned them. Precision where no detection has yet counted (0 / 0) is 0, as py-faster-rcnn's voc_eval.
     A class without non-difficult ground truth in the evaluated images has no AP (the devkit divides by zero) and
-    is left out of the means. Collecting and gathering detections is CocoEvaluator's.
+    is left out of the means. Collecting and gathering detections is CocoEvaluator's, and so is the COCO-style AP
+    it also computes (difficult objects are crowd regions there: ignored, as in VOC).
     """
 
-    def __init__(self, coco_gt):
-        super().__init__(coco_gt)
+    def __init__(self, coco_gt, backend="pycocotools"):
+        super().__init__(coco_gt, backend=backend)
         self.class_names = {cat_id: cat["name"] for cat_id, cat in sorted(coco_gt.cats.items())}
         self.per_class = None  # name -> {"AP_11pt", "AP_area", "positives"} after accumulate()
 
@@ -228,6 +229,7 @@ class VocEvaluator(CocoEvaluator):
                 "positives": positives}
 
     def accumulate(self):
+        super().accumulate()
         image_ids = sorted(self.detections)
         self.per_class = {}
         for label, name in self.class_names.items():
@@ -244,7 +246,8 @@ class VocEvaluator(CocoEvaluator):
         return mean["AP_11pt"], mean["AP_area"]
 
     def summarize(self):
-        """Print the per-class AP table (both metrics, labelled) and the means."""
+        """Print COCO's table, then the per-class VOC AP table (both metrics, labelled) and the means."""
+        super().summarize()
         mean_11_point, mean_area = self._means()
         print(f"Pascal VOC AP at IoU {VOC_IOU_THRESHOLD} on {len(self.detections)} images: "
               "AP_11pt = VOC2007 11-point (the SSD paper's), AP_area = VOC2010+ area")
@@ -261,4 +264,4 @@ class VocEvaluator(CocoEvaluator):
     def metrics(self):
         mean_11_point, mean_area = self._means()
         per_class = {name: {"AP_11pt": r["AP_11pt"], "AP_area": r["AP_area"]} for name, r in self.per_class.items()}
-        return {"voc": {"mAP_11pt": mean_11_point, "mAP_area": mean_area, "per_class": per_class}}
+        return {**super().metrics(), "voc": {"mAP_11pt": mean_11_point, "mAP_area": mean_area, "per_class": per_class}}

@@ -69,17 +69,16 @@ def train_one_epoch(model, optimizer, data_loader, device, epoch, print_freq, sc
 
 
 def get_evaluator(dataset, coco_backend):
-    """The evaluator for the dataset: the VOC devkit's AP for Pascal VOC, else COCO's."""
+    """The evaluator for the dataset: COCO's, plus the VOC devkit's AP for Pascal VOC."""
     coco_gt = get_coco_api_from_dataset(dataset)
-    if is_voc(coco_gt):
-        return VocEvaluator(coco_gt)
-    return CocoEvaluator(coco_gt, backend=coco_backend)
+    evaluator_class = VocEvaluator if is_voc(coco_gt) else CocoEvaluator
+    return evaluator_class(coco_gt, backend=coco_backend)
 
 
 @torch.inference_mode()
 def evaluate(model, data_loader, device, coco_backend="pycocotools", amp_dtype=None):
-    """Evaluate model on data_loader's dataset (all ranks); returns the evaluator's metrics ({"coco": ...} or
-    {"voc": ...})."""
+    """Evaluate model on data_loader's dataset (all ranks); returns the evaluator's metrics ({"coco": ...}, and
+    "voc": ... for Pascal VOC)."""
     model.eval()
     metric_logger = utils.MetricLogger(delimiter="  ")
     header = "Test:"
