@@ -93,19 +93,26 @@ def test_voc_ap_follows_the_devkit_on_hand_computed_cases(tmp_path, capsys):
     assert "IoU metric: bbox" in table and evaluator.metrics()["coco"]["AP50"] > 0  # the COCO-style table too
 
 
-def test_voc_detections_below_half_overlap_and_on_other_images_are_false_positives(tmp_path):
-    root = write_voc(tmp_path / "voc", {"a": (40, 40, [("cat", (1, 1, 20, 20), False)]), "b": (40, 40, [])},
-                     {"test": ["a", "b"]})
+def test_voc_matching_is_the_devkits_greedy_one(tmp_path):
+    # Two overlapping cats, (0, 0, 20, 20) and (0, 2, 20, 22) in the model's coordinates (IoU 360 / 440).
+    root = write_voc(tmp_path / "voc", {"a": (40, 40, [("cat", (1, 1, 20, 20), False), ("cat", (1, 3, 20, 22), False)]),
+                                        "b": (40, 40, [])}, {"test": ["a", "b"]})
     dataset = coco_utils.get_voc(root, "val", None, classes=["cat"])
     evaluator = VocEvaluator(coco_utils.get_coco_api_from_dataset(dataset))
-    # IoU 199 / 400 just under 0.5: an FP ranked first; then a TP; then an FP on the image without objects.
-    evaluator.update({1: detections((0, 0, 20, 9.95, 0.9, 1), (0, 0, 20, 20, 0.8, 1)),
-                      2: detections((0, 0, 5, 5, 0.7, 1))})
+    evaluator.update({
+        1: detections(
+            (0, 0, 20, 9.95, 0.9, 1),   # IoU 199 / 400 with the first cat, just under 0.5: FP
+            (0, 0, 20, 20, 0.8, 1),     # TP on the first cat
+            (0, 0, 20, 20, 0.75, 1),    # overlaps the taken first cat most: a duplicate (FP), though the second
+        ),                              # cat, free, overlaps it by 0.82 (COCO's matching would take that one)
+        2: detections((0, 0, 5, 5, 0.7, 1)),  # FP on an image without objects
+    })
     evaluator.accumulate()
     evaluator.summarize()
-    # recall 0, 1, 1 at precision 0, 1/2, 1/3: every threshold sees 1/2; the area is 1 * 1/2.
+    # recall 0, 1/2, 1/2, 1/2 at precision 0, 1/2, 1/3, 1/4: thresholds 0 .. 0.5 see 1/2, the others nothing;
+    # the area is 1/2 * 1/2.
     cat = evaluator.metrics()["voc"]["per_class"]["cat"]
-    assert cat == {"AP_11pt": pytest.approx(0.5), "AP_area": pytest.approx(0.5)}
+    assert cat == {"AP_11pt": pytest.approx(3 / 11), "AP_area": pytest.approx(0.25)}
 
 
 @pytest.fixture(scope="module")
