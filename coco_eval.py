@@ -8,6 +8,7 @@ what lets faster-coco-eval be used at all: its C++ evaluator has no per-batch mo
 import contextlib
 import io
 
+import numpy as np
 import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
@@ -16,6 +17,11 @@ import utils
 
 BACKENDS = ("pycocotools", "faster-coco-eval")
 SUMMARY_LINES = 12  # AP, AP50, AP75, AP S/M/L, AR1, AR10, AR100, AR S/M/L
+COCO_STAT_NAMES = [
+    "AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large",
+    "AR1", "AR10", "AR100", "AR_small", "AR_medium", "AR_large",
+]
+VOC_IOU_THRESHOLD = 0.5
 
 
 def load_backend(backend):
@@ -129,3 +135,142 @@ class CocoEvaluator:
         if self.coco_eval is None or len(self.coco_eval.stats) < SUMMARY_LINES:
             raise RuntimeError("CocoEvaluator.stats needs accumulate() and summarize() first")
         return [float(s) for s in self.coco_eval.stats[:SUMMARY_LINES]]
+
+    def metrics(self):
+        """{"coco": {stat name: value}}, after summarize()."""
+        return {"coco": dict(zip(COCO_STAT_NAMES, self.stats))}
+
+
+def voc_ap_11_point(recall, precision):
+    """VOC2007's AP (the SSD paper's): the mean over t = 0, 0.1, ..., 1 of the highest precision at recall >= t,
+    0 where recall never reaches t. t is k / 10 exactly, so a recall of 3/10 counts at t = 0.3."""
+    return sum(float(precision[recall >= k / 10].max(initial=0.0)) for k in range(11)) / 11
+
+
+def voc_ap_area(recall, precision):
+    """VOC2010+'s AP: the area under the precision envelope (precision made non-increasing from the right),
+    summed over the steps of recall, as the devkit's VOCap.m."""
+    recall = np.concatenate([[0.0], recall, [1.0]])
+    envelope = np.maximum.accumulate(np.concatenate([[0.0], precision, [0.0]])[::-1])[::-1]
+    steps = np.flatnonzero(recall[1:] != recall[:-1]) + 1
+    return float(np.sum((recall[steps] - recall[steps - 1]) * envelope[steps]))
+
+
+def _iou(boxes, other):
+    """[N, M] IoU of continuous XYXY boxes: no "+1", which on get_voc's boxes equals the devkit's +1 IoU."""
+    top_left = np.maximum(boxes[:, None, :2], other[None, :, :2])
+    bottom_right = np.minimum(boxes[:, None, 2:], other[None, :, 2:])
+    intersection = np.prod(np.clip(bottom_right - top_left, 0, None), axis=2)
+    area = np.prod(boxes[:, 2:] - boxes[:, :2], axis=1)
+    area_other = np.prod(other[:, 2:] - other[:, :2], axis=1)
+    return intersection / (area[:, None] + area_other[None, :] - intersection)
+
+
+def _match_image(boxes, scores, gt_boxes, gt_difficult):
+    """(true positive, false positive) flags of one image's detections of one class, as VOCevaldet.m assigns them:
+    in descending score (ties in the given order), each detection takes the ground truth it overlaps most (the
+    first on a tie); IoU >= 0.5 with a difficult one makes it neither TP nor FP, with one already taken a
+    duplicate (FP), else a TP; below 0.5 it is an FP."""
+    order = np.argsort(-scores, kind="stable")
+    true_positive = np.zeros(len(scores), dtype=bool)
+    false_positive = np.zeros(len(scores), dtype=bool)
+    if len(gt_boxes) == 0:
+        false_positive[:] = True
+        return true_positive, false_positive
+    with np.errstate(invalid="ignore", divide="ignore"):  # two empty boxes: 0 / 0 is NaN, never a match
+        overlaps = _iou(boxes, gt_boxes)
+    taken = np.zeros(len(gt_boxes), dtype=bool)
+    for d in order:
+        best = int(overlaps[d].argmax())
+        if not overlaps[d, best] >= VOC_IOU_THRESHOLD:
+            false_positive[d] = True
+        elif not gt_difficult[best]:
+            false_positive[d] = taken[best]
+            true_positive[d] = not taken[best]
+            taken[best] = True
+    return true_positive, false_positive
+
+
+class VocEvaluator(CocoEvaluator):
+    """Pascal VOC detection AP at IoU 0.5, both the VOC2007 11-point and the VOC2010+ area metric, computed as the
+    VOC devkit's VOCevaldet.m does, on ground truth from coco_utils.get_voc (annotations with "difficult").
+
+    The devkit ranks a class's detections over the whole split by descending score, keeping the results file's
+    order on ties; here that order is the images' (ids follow the split lists) and each image's detections as the
+    model returned them. Precision where no detection has yet counted (0 / 0) is 0, as py-faster-rcnn's voc_eval.
+    A class without non-difficult ground truth in the evaluated images has no AP (the devkit divides by zero) and
+    is left out of the means. Collecting and gathering detections is CocoEvaluator's, and so is the COCO-style AP
+    it also computes (difficult objects are crowd regions there: ignored, as in VOC).
+    """
+
+    def __init__(self, coco_gt, backend="pycocotools", categories=None):
+        super().__init__(coco_gt, backend=backend, categories=categories)
+        self.class_names = {cat_id: cat["name"] for cat_id, cat in sorted(coco_gt.cats.items())}
+        self.per_class = None  # name -> {"AP_11pt", "AP_area", "positives"} after accumulate()
+
+    def _ground_truth(self, image_id, label):
+        anns = [ann for ann in self.coco_gt.imgToAnns[image_id] if ann["category_id"] == label]
+        boxes = np.array([ann["bbox"] for ann in anns], dtype=np.float64).reshape(-1, 4)
+        boxes[:, 2:] += boxes[:, :2]
+        return boxes, np.array([bool(ann["difficult"]) for ann in anns], dtype=bool)
+
+    def _class_ap(self, label, image_ids):
+        scores, true_positive, false_positive, positives = [], [], [], 0
+        for image_id in image_ids:
+            boxes, image_scores, labels = self.detections[image_id]
+            mine = labels == label
+            gt_boxes, gt_difficult = self._ground_truth(image_id, label)
+            positives += int(np.count_nonzero(~gt_difficult))
+            xywh = boxes[mine].astype(np.float64)  # stored as COCO results: back to XYXY
+            xyxy = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
+            tp, fp = _match_image(xyxy, image_scores[mine], gt_boxes, gt_difficult)
+            scores.append(image_scores[mine])
+            true_positive.append(tp)
+            false_positive.append(fp)
+        if positives == 0:
+            return None
+        order = np.argsort(-np.concatenate(scores), kind="stable")
+        tp = np.cumsum(np.concatenate(true_positive)[order])
+        fp = np.cumsum(np.concatenate(false_positive)[order])
+        recall = tp / positives
+        precision = tp / np.maximum(tp + fp, 1)
+        return {"AP_11pt": voc_ap_11_point(recall, precision), "AP_area": voc_ap_area(recall, precision),
+                "positives": positives}
+
+    def accumulate(self):
+        super().accumulate()
+        image_ids = sorted(self.detections)
+        self.per_class = {}
+        for label, name in self.class_names.items():
+            result = self._class_ap(label, image_ids)
+            if result is not None:
+                self.per_class[name] = result
+
+    def _means(self):
+        if self.per_class is None:
+            raise RuntimeError("VocEvaluator needs accumulate() first")
+        values = list(self.per_class.values())
+        mean = {key: float(np.mean([v[key] for v in values])) if values else float("nan")
+                for key in ("AP_11pt", "AP_area")}
+        return mean["AP_11pt"], mean["AP_area"]
+
+    def summarize(self):
+        """Print COCO's table, then the per-class VOC AP table (both metrics, labelled) and the means."""
+        super().summarize()
+        mean_11_point, mean_area = self._means()
+        print(f"Pascal VOC AP at IoU {VOC_IOU_THRESHOLD} on {len(self.detections)} images: "
+              "AP_11pt = VOC2007 11-point (the SSD paper's), AP_area = VOC2010+ area")
+        width = max(len(name) for name in ["class", *self.class_names.values()])
+        print(f"{'class':<{width}}  AP_11pt  AP_area  objects")
+        for name in self.class_names.values():
+            result = self.per_class.get(name)
+            if result is None:
+                print(f"{name:<{width}}        -        -        0  (no ground truth: not in the mean)")
+            else:
+                print(f"{name:<{width}}  {result['AP_11pt']:7.4f}  {result['AP_area']:7.4f}  {result['positives']:7d}")
+        print(f"{'mAP':<{width}}  {mean_11_point:7.4f}  {mean_area:7.4f}  ({len(self.per_class)} classes)")
+
+    def metrics(self):
+        mean_11_point, mean_area = self._means()
+        per_class = {name: {"AP_11pt": r["AP_11pt"], "AP_area": r["AP_area"]} for name, r in self.per_class.items()}
+        return {**super().metrics(), "voc": {"mAP_11pt": mean_11_point, "mAP_area": mean_area, "per_class": per_class}}

@@ -1,12 +1,12 @@
-"""One training epoch and one COCO evaluation pass."""
+"""One training epoch and one evaluation pass (COCO AP, or the VOC devkit's AP on Pascal VOC)."""
 import math
 import time
 
 import torch
 
 import utils
-from coco_eval import CocoEvaluator
-from coco_utils import get_categories, get_coco_api_from_dataset
+from coco_eval import CocoEvaluator, VocEvaluator
+from coco_utils import get_categories, get_coco_api_from_dataset, is_voc
 
 
 class NonFiniteLossError(RuntimeError):
@@ -68,15 +68,22 @@ def train_one_epoch(model, optimizer, data_loader, device, epoch, print_freq, sc
     return {**means, "lr": optimizer.param_groups[0]["lr"]}
 
 
+def get_evaluator(dataset, coco_backend):
+    """The evaluator for the dataset: COCO's, plus the VOC devkit's AP for Pascal VOC."""
+    coco_gt = get_coco_api_from_dataset(dataset)
+    evaluator_class = VocEvaluator if is_voc(coco_gt) else CocoEvaluator
+    # The category table maps the model's labels back to the annotation file's category ids.
+    return evaluator_class(coco_gt, backend=coco_backend, categories=get_categories(dataset, coco_gt))
+
+
 @torch.inference_mode()
 def evaluate(model, data_loader, device, coco_backend="pycocotools", amp_dtype=None):
-    """COCO bbox evaluation of model on data_loader's dataset (all ranks); returns the 12 summary stats."""
+    """Evaluate model on data_loader's dataset (all ranks); returns the evaluator's metrics ({"coco": ...}, and
+    "voc": ... for Pascal VOC)."""
     model.eval()
     metric_logger = utils.MetricLogger(delimiter="  ")
     header = "Test:"
-    coco_gt = get_coco_api_from_dataset(data_loader.dataset)
-    categories = get_categories(data_loader.dataset, coco_gt)  # labels -> the annotation file's category ids
-    coco_evaluator = CocoEvaluator(coco_gt, backend=coco_backend, categories=categories)
+    coco_evaluator = get_evaluator(data_loader.dataset, coco_backend)
 
     for images, targets in metric_logger.log_every(data_loader, 100, header):
         images = [image.to(device, non_blocking=True) for image in images]
@@ -91,4 +98,4 @@ def evaluate(model, data_loader, device, coco_backend="pycocotools", amp_dtype=N
     coco_evaluator.synchronize_between_processes()
     coco_evaluator.accumulate()
     coco_evaluator.summarize()
-    return coco_evaluator.stats
+    return coco_evaluator.metrics()

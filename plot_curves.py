@@ -1,4 +1,5 @@
-"""Draw a training run's curves from its log.jsonl: loss terms and lr per epoch, COCO AP/AP50 per evaluated epoch.
+"""Draw a training run's curves from its log.jsonl: loss terms and lr per epoch, COCO AP/AP50 (or, for Pascal VOC,
+the VOC mAP at IoU 0.5) per evaluated epoch.
 
     python plot_curves.py OUTPUT_DIR/log.jsonl -o curves.png
 
@@ -14,6 +15,11 @@ import sys
 from matplotlib.figure import Figure
 
 REQUIRED_KEYS = {"epoch", "lr", "train"}
+# Accuracy panel per evaluation kind: (log key, {metric: legend label}, title); the first kind the log holds is drawn.
+ACCURACY_PANELS = (
+    ("voc", {"mAP_11pt": "mAP (VOC2007 11-point)", "mAP_area": "mAP (VOC2010+ area)"}, "Pascal VOC mAP@0.5 (val)"),
+    ("coco", {"AP": "AP", "AP50": "AP50"}, "COCO bbox AP (val)"),
+)
 
 
 def read_log(log_path):
@@ -40,7 +46,7 @@ def read_log(log_path):
 
 
 def plot_curves(log_path, output_path):
-    """Write a PNG with three panels (training losses, learning rate, COCO AP) drawn from log_path."""
+    """Write a PNG with three panels (training losses, learning rate, COCO AP or VOC mAP) drawn from log_path."""
     records = read_log(log_path)
     if not records:
         raise ValueError(f"{log_path}: no complete epoch record to plot")
@@ -57,10 +63,12 @@ def plot_curves(log_path, output_path):
     lr_axes.plot(epochs, [r["lr"] for r in records], marker="o")
     lr_axes.set(title="learning rate", xlabel="epoch")
 
-    evaluated = [r for r in records if "coco" in r]
-    for metric in ("AP", "AP50"):
-        ap_axes.plot([r["epoch"] for r in evaluated], [r["coco"][metric] for r in evaluated], marker="o", label=metric)
-    ap_axes.set(title="COCO bbox AP (val)", xlabel="epoch", ylim=(0, 1))
+    key, metrics, title = next((panel for panel in ACCURACY_PANELS if any(panel[0] in r for r in records)),
+                               ACCURACY_PANELS[-1])
+    evaluated = [r for r in records if key in r]
+    for metric, label in metrics.items():
+        ap_axes.plot([r["epoch"] for r in evaluated], [r[key][metric] for r in evaluated], marker="o", label=label)
+    ap_axes.set(title=title, xlabel="epoch", ylim=(0, 1))
     if evaluated:
         ap_axes.legend()
     else:

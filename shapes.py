@@ -1,12 +1,16 @@
 """The built-in "shapes" dataset: synthetic images of simple shapes in COCO layout, so that training and
 evaluation can be seen working on a fresh machine without downloading COCO.
 
-    python shapes.py --output data/shapes [--num-train 1000 --num-val 200 --seed 0]
+    python shapes.py --output data/shapes [--num-train 1000 --num-val 200 --seed 0] [--format voc]
 
 writes DIR/train2017/*.jpg, DIR/val2017/*.jpg and DIR/annotations/instances_{train,val}2017.json, read through the
-same coco_utils.get_coco path as real COCO. Content is deterministic from the seed: images of 128-320 pixels a
-side on flat, gradient or noisy backgrounds, each with 1-4 filled shapes of five classes in varied colours and
-sizes, overlapping a little at most, with tight boxes.
+same coco_utils.get_coco path as real COCO. With --format voc it writes the same images and boxes in Pascal VOC's
+VOCdevkit layout instead: DIR/VOC2007/{JPEGImages,Annotations}/ with the training images listed in
+ImageSets/Main/trainval.txt and the validation images in test.txt, shapes smaller than a fifth of the image's
+shorter side marked difficult; train.py --dataset voc --voc-classes circle rectangle triangle star cross reads it.
+
+Content is deterministic from the seed: images of 128-320 pixels a side on flat, gradient or noisy backgrounds, each
+with 1-4 filled shapes of five classes in varied colours and sizes, overlapping a little at most, with tight boxes.
 
 ensure_shapes_dataset() generates on first use and reuses the folder afterwards. Generation happens in a temporary
 folder beside the target that is renamed into place when complete, so concurrent callers (e.g. several torchrun
@@ -19,6 +23,7 @@ import math
 import os
 import shutil
 import tempfile
+import xml.etree.ElementTree as ElementTree
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -29,6 +34,9 @@ CATEGORIES = ["circle", "rectangle", "triangle", "star", "cross"]  # category id
 MANIFEST = "shapes_manifest.json"
 GENERATOR_VERSION = 1
 _SPLIT_SEEDS = {"train": 0, "val": 1}
+LAYOUTS = ("coco", "voc")
+VOC_LISTS = {"train": "trainval", "val": "test"}
+DIFFICULT_FRACTION = 0.2  # VOC layout: objects whose longer side is under this fraction of the shorter image side
 
 
 def _background(rng, width, height):
@@ -120,14 +128,18 @@ def render_sample(rng):
     return image, objects  # the first placement always succeeds: nothing to overlap yet
 
 
+def _render_split(split, num_images, seed):
+    """(image number 1, 2, ..., image, objects) of each image of the split."""
+    for index in range(num_images):
+        # One generator per image: images do not depend on how many others are generated.
+        yield (index + 1, *render_sample(np.random.default_rng([seed, _SPLIT_SEEDS[split], index])))
+
+
 def _write_split(root, split, num_images, seed):
     folder, ann_path = SPLITS[split]
     os.makedirs(os.path.join(root, folder))
     images, annotations = [], []
-    for index in range(num_images):
-        # One generator per image: images do not depend on how many others are generated.
-        image, objects = render_sample(np.random.default_rng([seed, _SPLIT_SEEDS[split], index]))
-        image_id = index + 1
+    for image_id, image, objects in _render_split(split, num_images, seed):
         file_name = f"{image_id:06d}.jpg"
         image.save(os.path.join(root, folder, file_name), quality=92)
         images.append({"id": image_id, "file_name": file_name, "width": image.width, "height": image.height})
@@ -142,6 +154,47 @@ def _write_split(root, split, num_images, seed):
     os.makedirs(os.path.dirname(os.path.join(root, ann_path)), exist_ok=True)
     with open(os.path.join(root, ann_path), "w") as f:
         json.dump(data, f)
+
+
+def _add(parent, tag, text=None):
+    element = ElementTree.SubElement(parent, tag)
+    if text is not None:
+        element.text = str(text)
+    return element
+
+
+def _voc_annotation(voc_id, image, objects):
+    annotation = ElementTree.Element("annotation")
+    _add(annotation, "folder", "VOC2007")
+    _add(annotation, "filename", f"{voc_id}.jpg")
+    size = _add(annotation, "size")
+    for tag, value in (("width", image.width), ("height", image.height), ("depth", 3)):
+        _add(size, tag, value)
+    for category, (x0, y0, x1, y1), _area in objects:
+        element = _add(annotation, "object")
+        _add(element, "name", CATEGORIES[category - 1])
+        _add(element, "difficult", int(max(x1 - x0, y1 - y0) < DIFFICULT_FRACTION * min(image.size)))
+        box = _add(element, "bndbox")
+        # The drawn pixels x0 .. x1 - 1 (0-based) are x0 + 1 .. x1 in VOC's 1-based inclusive indices.
+        for tag, value in zip(("xmin", "ymin", "xmax", "ymax"), (x0 + 1, y0 + 1, x1, y1)):
+            _add(box, tag, value)
+    ElementTree.indent(annotation)
+    return ElementTree.ElementTree(annotation)
+
+
+def _write_voc_split(root, split, num_images, seed):
+    """The split in VOC layout; image ids such as train_000001 keep the splits apart in the one JPEGImages folder."""
+    folder = os.path.join(root, "VOC2007")
+    for subfolder in ("JPEGImages", "Annotations", os.path.join("ImageSets", "Main")):
+        os.makedirs(os.path.join(folder, subfolder), exist_ok=True)
+    voc_ids = []
+    for number, image, objects in _render_split(split, num_images, seed):
+        voc_id = f"{split}_{number:06d}"
+        image.save(os.path.join(folder, "JPEGImages", f"{voc_id}.jpg"), quality=92)
+        _voc_annotation(voc_id, image, objects).write(os.path.join(folder, "Annotations", f"{voc_id}.xml"))
+        voc_ids.append(voc_id)
+    with open(os.path.join(folder, "ImageSets", "Main", f"{VOC_LISTS[split]}.txt"), "w") as f:
+        f.write("".join(f"{voc_id}\n" for voc_id in voc_ids))
 
 
 def _read_manifest(root):
@@ -160,9 +213,10 @@ def _generate(root, params):
     parent = os.path.dirname(root)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(root)}.tmp-", dir=parent)
+    write = _write_voc_split if params.get("layout") == "voc" else _write_split
     try:
-        _write_split(tmp, "train", params["num_train"], params["seed"])
-        _write_split(tmp, "val", params["num_val"], params["seed"])
+        write(tmp, "train", params["num_train"], params["seed"])
+        write(tmp, "val", params["num_val"], params["seed"])
         with open(os.path.join(tmp, MANIFEST), "w") as f:  # written last: its presence marks a complete dataset
             json.dump(params, f)
         try:
@@ -174,10 +228,20 @@ def _generate(root, params):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def ensure_shapes_dataset(root, num_train=1000, num_val=200, seed=0):
-    """Make sure `root` holds the shapes dataset with these parameters (generating it if absent); returns root."""
+def _describe(params):
+    made = ", ".join(f"{k}={params.get(k)}" for k in ("num_train", "num_val", "seed", "version"))
+    return f"{made}, layout={params.get('layout', 'coco')}"
+
+
+def ensure_shapes_dataset(root, num_train=1000, num_val=200, seed=0, layout="coco"):
+    """Make sure `root` holds the shapes dataset with these parameters (generating it if absent) in the layout
+    "coco" or "voc"; returns root."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     root = os.path.abspath(root)
     params = {"generator": "shapes", "version": GENERATOR_VERSION, "num_train": num_train, "num_val": num_val, "seed": seed}
+    if layout != "coco":  # COCO-layout manifests predate the layouts and stay as they were
+        params["layout"] = layout
     manifest = _read_manifest(root)
     if manifest is None:
         if os.path.isdir(root) and os.listdir(root):
@@ -185,26 +249,29 @@ def ensure_shapes_dataset(root, num_train=1000, num_val=200, seed=0):
         _generate(root, params)
         manifest = _read_manifest(root)
     if manifest != params:
-        made = ", ".join(f"{k}={manifest.get(k)}" for k in ("num_train", "num_val", "seed", "version"))
-        wanted = ", ".join(f"{k}={params[k]}" for k in ("num_train", "num_val", "seed", "version"))
-        raise DatasetError(f"{root}: holds a shapes dataset made with {made}, not {wanted}; use another folder or delete it")
+        raise DatasetError(f"{root}: holds a shapes dataset made with {_describe(manifest)}, not {_describe(params)}; "
+                           "use another folder or delete it")
     return root
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Write the synthetic shapes detection dataset in COCO layout.")
+    parser = argparse.ArgumentParser(description="Write the synthetic shapes detection dataset in COCO or VOC layout.")
     parser.add_argument("--output", required=True, help="folder to create (reused if it already holds the same dataset)")
     parser.add_argument("--num-train", type=int, default=1000, help="number of training images")
     parser.add_argument("--num-val", type=int, default=200, help="number of validation images")
     parser.add_argument("--seed", type=int, default=0, help="random seed; the content is a function of it")
+    parser.add_argument("--format", default="coco", choices=LAYOUTS,
+                        help="coco: train2017/, val2017/, annotations/; voc: VOC2007/ with trainval and test lists")
     args = parser.parse_args(argv)
     if args.num_train < 1 or args.num_val < 1:
         parser.error("--num-train and --num-val must be at least 1")
     try:
-        root = ensure_shapes_dataset(args.output, args.num_train, args.num_val, args.seed)
+        root = ensure_shapes_dataset(args.output, args.num_train, args.num_val, args.seed, layout=args.format)
     except DatasetError as e:
         raise SystemExit(f"error: {e}") from None
     print(f"shapes dataset ready in {root}: {args.num_train} train / {args.num_val} val images, classes {', '.join(CATEGORIES)}")
+    if args.format == "voc":
+        print(f"train on it with: train.py --dataset voc --data-path {root} --voc-classes {' '.join(CATEGORIES)}")
 
 
 if __name__ == "__main__":

@@ -35,11 +35,7 @@ from plot_curves import plot_curves
 
 CHECKPOINT_NAME = "checkpoint.pth"
 LOG_NAME = "log.jsonl"
-DEFAULT_DATA_PATHS = {"coco": "data/coco", "shapes": "data/shapes"}
-COCO_STAT_NAMES = [
-    "AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large",
-    "AR1", "AR10", "AR100", "AR_small", "AR_medium", "AR_large",
-]
+DEFAULT_DATA_PATHS = {"coco": "data/coco", "shapes": "data/shapes", "voc": "data/VOCdevkit"}
 
 
 class ConfigError(ValueError):
@@ -55,10 +51,11 @@ def get_args_parser(add_help=True):
     parser = _OneLineParser(description="SSD detection training", add_help=add_help)
 
     data = parser.add_argument_group("data")
-    data.add_argument("--dataset", default="coco", choices=["coco", "shapes"],
-                      help="coco: any COCO-layout folder; shapes: the built-in synthetic set, generated on first use")
+    data.add_argument("--dataset", default="coco", choices=["coco", "shapes", "voc"],
+                      help="coco: any COCO-layout folder; shapes: the built-in synthetic set, generated on first use; "
+                           "voc: Pascal VOC in the VOCdevkit layout, evaluated with the VOC devkit's AP")
     data.add_argument("--data-path", default=None,
-                      help="dataset root (default: data/coco or data/shapes)")
+                      help="dataset root (default: data/coco, data/shapes or data/VOCdevkit)")
     data.add_argument("--train-images", default=None, metavar="DIR",
                       help="training image folder (default: DATA_PATH/train2017)")
     data.add_argument("--train-annotations", default=None, metavar="FILE",
@@ -69,6 +66,15 @@ def get_args_parser(add_help=True):
                       help="validation COCO annotation file (default: DATA_PATH/annotations/instances_val2017.json)")
     data.add_argument("--keep-empty-images", action="store_true",
                       help="keep training images without boxes as pure negatives (default: drop them, as torchvision)")
+    data.add_argument("--train-split", default=None, nargs="+", metavar="YEAR/LIST",
+                      help="voc: training image lists, ROOT/VOC{YEAR}/ImageSets/Main/{LIST}.txt (default: the "
+                           "trainval list of VOC2007 and of VOC2012, those present)")
+    data.add_argument("--val-split", default=None, metavar="YEAR/LIST",
+                      help="voc: evaluation image list, e.g. 2007/val (default: 2007/test)")
+    data.add_argument("--voc-classes", default=None, nargs="+", metavar="NAME",
+                      help="voc: the class names, labels 1..N in this order (default: the 20 Pascal VOC classes)")
+    data.add_argument("--keep-difficult", action="store_true",
+                      help="voc: train on objects marked difficult too (evaluation always ignores them)")
     data.add_argument("--shapes-num-train", default=1000, type=int, help="training images of the shapes dataset")
     data.add_argument("--shapes-num-val", default=200, type=int, help="validation images of the shapes dataset")
     data.add_argument("-j", "--workers", default=4, type=int, help="data loading workers per process")
@@ -152,8 +158,42 @@ def validate_args(args):
     if args.amp and args.device.startswith("cpu"):
         print("warning: --amp on CPU uses bfloat16 autocast, which is emulated (several times slower) "
               "on CPUs without AVX512-BF16/AMX", file=sys.stderr)
+    validate_voc_args(args)
     if args.data_path is None:
         args.data_path = DEFAULT_DATA_PATHS[args.dataset]
+
+
+def voc_splits(args, is_train):
+    """The --train-split / --val-split YEAR/LIST values as (year, list) pairs, or None for get_voc's default."""
+    if is_train:
+        flag, value = "--train-split", args.train_split
+    else:
+        flag, value = "--val-split", None if args.val_split is None else [args.val_split]
+    try:
+        return None if value is None else [coco_utils.parse_voc_split(split) for split in value]
+    except ValueError as error:
+        raise ConfigError(f"{flag}: {error}") from None
+
+
+def validate_voc_args(args):
+    """Check the VOC-only flags (they go with --dataset voc only)."""
+    voc_flags = {"--train-split": args.train_split, "--val-split": args.val_split,
+                 "--voc-classes": args.voc_classes, "--keep-difficult": args.keep_difficult}
+    coco_flags = {"--train-images": args.train_images, "--train-annotations": args.train_annotations,
+                  "--val-images": args.val_images, "--val-annotations": args.val_annotations,
+                  "--keep-empty-images": args.keep_empty_images}
+    if args.dataset != "voc":
+        for flag, value in voc_flags.items():
+            if value:
+                raise ConfigError(f"{flag} is for --dataset voc, not --dataset {args.dataset}")
+        return
+    for flag, value in coco_flags.items():
+        if value:
+            raise ConfigError(f"{flag} is for COCO-format data, not --dataset voc (see --train-split / --val-split)")
+    for is_train in (True, False):
+        voc_splits(args, is_train)  # a malformed YEAR/LIST stops here, before anything is loaded
+    if args.voc_classes is not None and len(set(args.voc_classes)) != len(args.voc_classes):
+        raise ConfigError(f"--voc-classes names a class twice: {' '.join(args.voc_classes)}")
 
 
 def get_transform(is_train, args):
@@ -180,7 +220,10 @@ def prepare_data_root(args):
 def get_datasets(args):
     """(training dataset, or None with --test-only; validation dataset), labelled by one category table made from
     the union of the training and validation files' categories, so that a label means the same class in training
-    and in any later evaluation. With --test-only the training file is read for its categories where it exists."""
+    and in any later evaluation. With --test-only the training file is read for its categories where it exists.
+    Pascal VOC's labels are its class list's, the same for every split."""
+    if args.dataset == "voc":
+        return None if args.test_only else get_voc_dataset(args, True), get_voc_dataset(args, False)
     paths = {"val": coco_utils.split_paths(args.data_path, "val", args.val_images, args.val_annotations)}
     try:
         paths["train"] = coco_utils.split_paths(args.data_path, "train", args.train_images, args.train_annotations)
@@ -204,6 +247,14 @@ def get_datasets(args):
         )
 
     return None if args.test_only else make_dataset("train", True), make_dataset("val", False)
+
+
+def get_voc_dataset(args, is_train):
+    return coco_utils.get_voc(
+        args.data_path, "train" if is_train else "val", get_transform(is_train, args), use_v2=args.use_v2,
+        splits=voc_splits(args, is_train), classes=args.voc_classes or coco_utils.VOC_CLASSES,
+        keep_difficult=args.keep_difficult,
+    )
 
 
 def choose_seed(args, resume_checkpoint):
@@ -451,17 +502,16 @@ def main(args):
             scaler=scaler, amp_dtype=amp_dtype, warmup_iters=args.warmup_iters,
         )
         lr_scheduler.step()
-        coco_stats = None
+        metrics = {}
         if (epoch + 1) % args.eval_freq == 0 or epoch + 1 == args.epochs:
-            coco_stats = engine.evaluate(model, data_loader_test, device, coco_backend=args.coco_backend, amp_dtype=amp_dtype)
+            metrics = engine.evaluate(model, data_loader_test, device, coco_backend=args.coco_backend,
+                                      amp_dtype=amp_dtype)
         # Captured after evaluation so a resumed run starts the next epoch from exactly this state.
         rng_states = utils.all_gather(utils.get_rng_state())
         if args.output_dir and utils.is_main_process():
             save_epoch(args, epoch, model_without_ddp, optimizer, lr_scheduler, scaler, categories, rng_states)
             record = {"epoch": epoch, "lr": train_stats["lr"], "time_s": round(time.time() - epoch_start, 3),
-                      "train": {k: v for k, v in train_stats.items() if k != "lr"}}
-            if coco_stats is not None:
-                record["coco"] = dict(zip(COCO_STAT_NAMES, coco_stats))
+                      "train": {k: v for k, v in train_stats.items() if k != "lr"}, **metrics}
             utils.append_jsonl(os.path.join(args.output_dir, LOG_NAME), record)
             plot_curves(os.path.join(args.output_dir, LOG_NAME), os.path.join(args.output_dir, "curves.png"))
 
