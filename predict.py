@@ -50,7 +50,7 @@ def read_weights_metadata(weights):
         if not isinstance(checkpoint.get("model"), dict):  # a plain state_dict: no metadata
             return None, {}
         saved_args = checkpoint.get("args") or {}
-        return saved_args.get("model"), {int(k): str(v) for k, v in (checkpoint.get("categories") or {}).items()}
+        return saved_args.get("model"), models.class_names(checkpoint.get("categories"))
     # SSD300_VGG16_Weights -> ssd300_vgg16: torchvision names the enum after its builder.
     model_name = type(weights_enum).__name__.lower().removesuffix("_weights")
     return model_name, dict(enumerate(weights_enum.meta.get("categories") or []))
