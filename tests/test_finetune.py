@@ -86,6 +86,18 @@ def test_matched_classes_score_exactly_as_in_the_source_model(form, source_model
     assert not torch.allclose(new[..., 3], old[..., 3])  # the unknown class does not inherit a row
 
 
+def test_ssd300_rows_are_carried_over_too(tmp_path):
+    """SSD300's classifier is one 3x3 convolution per map (SSDlite's a 1x1 after a depthwise block)."""
+    torch.manual_seed(0)
+    source = models.get_model("ssd300_vgg16", num_classes=4).eval()
+    path = tmp_path / "ssd300.pth"
+    torch.save({"model": source.state_dict(), "categories": {1: "cat", 2: "dog", 3: "cow"}}, path)
+    model = models.get_model("ssd300_vgg16", weights=path, class_names={1: "cow", 2: "Cat"}).eval()
+    images = [torch.rand(3, 150, 150, generator=torch.Generator().manual_seed(0))]
+    torch.testing.assert_close(class_logits(model, images), class_logits(source, images)[..., [0, 3, 1]],
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_everything_outside_the_classifier_is_the_checkpoints_and_new_rows_are_the_builders(checkpoints):
     torch.manual_seed(5)
     fresh = models.get_model(LITE, num_classes=4).state_dict()
