@@ -7,6 +7,7 @@ from torch import nn
 
 import models
 from conftest import LITE, assert_ok, run_script, train_args
+from predict import load_detector
 
 COCO_WEIGHTS = "SSDLite320_MobileNet_V3_Large_Weights.COCO_V1"
 # torchvision's COCO names, indexed by label: "__background__" at 0, "N/A" at the unused ids (no download).
@@ -59,9 +60,13 @@ def class_logits(model, images):
         return model.head(model.backbone(batch))["cls_logits"]
 
 
-def test_class_names_reads_both_checkpoint_forms():
+def test_class_names_reads_both_checkpoint_forms(checkpoints):
     assert models.class_names({1: {"id": 7, "name": "dog"}, "2": "cat"}) == {1: "dog", 2: "cat"}
     assert models.class_names(None) == {}
+    # predict.py (and export.py's metadata, which takes its names from load_detector) read the table form.
+    for form in ("table", "names"):
+        _, model_name, names = load_detector(None, str(checkpoints[form]))
+        assert model_name == LITE and names[DOG] == "dog" and names[PERSON] == "person" and len(names) == 80
 
 
 @pytest.mark.parametrize("form", ["table", "names"])
