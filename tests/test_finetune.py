@@ -101,6 +101,10 @@ def test_ssd300_rows_are_carried_over_too(tmp_path):
     images = [torch.rand(3, 150, 150, generator=torch.Generator().manual_seed(0))]
     torch.testing.assert_close(class_logits(model, images), class_logits(source, images)[..., [0, 3, 1]],
                                rtol=1e-5, atol=1e-5)
+    # Detection weights count as pretrained, as in torchvision: SSD300's default then freezes conv1_x.
+    frozen = sorted(name for name, p in model.named_parameters() if not p.requires_grad)
+    assert frozen == ["backbone.features.0.bias", "backbone.features.0.weight",
+                      "backbone.features.2.bias", "backbone.features.2.weight"]
 
 
 def test_everything_outside_the_classifier_is_the_checkpoints_and_new_rows_are_the_builders(checkpoints):
