@@ -50,9 +50,7 @@ def read_weights_metadata(weights):
         if not isinstance(checkpoint.get("model"), dict):  # a plain state_dict: no metadata
             return None, {}
         saved_args = checkpoint.get("args") or {}
-        # "categories" is {label: {"id", "name"}}, or {label: name} in older checkpoints.
-        categories = checkpoint.get("categories") or {}
-        return saved_args.get("model"), {int(k): str(v["name"] if isinstance(v, dict) else v) for k, v in categories.items()}
+        return saved_args.get("model"), models.class_names(checkpoint.get("categories"))
     # SSD300_VGG16_Weights -> ssd300_vgg16: torchvision names the enum after its builder.
     model_name = type(weights_enum).__name__.lower().removesuffix("_weights")
     return model_name, dict(enumerate(weights_enum.meta.get("categories") or []))

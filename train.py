@@ -87,7 +87,9 @@ def get_args_parser(add_help=True):
     model = parser.add_argument_group("model")
     model.add_argument("--model", default="ssd300_vgg16", choices=models.list_models())
     model.add_argument("--weights", default=None,
-                       help="torchvision weights name (e.g. SSD300_VGG16_Weights.COCO_V1) or a local .pth file")
+                       help="torchvision weights name (e.g. SSD300_VGG16_Weights.COCO_V1) or a local .pth file; "
+                            "weights made for other classes are fine-tuned to the dataset's: the classification "
+                            "layers are rebuilt, keeping the rows of classes with matching names")
     model.add_argument("--weights-backbone", default=None,
                        help="backbone weights name (e.g. VGG16_Weights.IMAGENET1K_FEATURES) or a local .pth file")
     model.add_argument("--trainable-backbone-layers", default=None, type=int)
@@ -384,10 +386,13 @@ def check_resume_categories(args, checkpoint, categories):
                       f"{there or 'no class'} there and {here or 'no class'} here")
 
 
-def build_model(args, num_classes, device, resume_checkpoint):
+def build_model(args, num_classes, class_names, device, resume_checkpoint):
     kwargs = {}
     if args.trainable_backbone_layers is not None:
         kwargs["trainable_backbone_layers"] = args.trainable_backbone_layers
+    if args.weights and not args.test_only:
+        # Training may adapt weights made for other classes; evaluating them as they are may not.
+        kwargs["class_names"] = class_names
     model = models.get_model(args.model, weights=args.weights, weights_backbone=args.weights_backbone,
                              num_classes=num_classes, **kwargs)
     if resume_checkpoint is not None:
@@ -470,7 +475,7 @@ def main(args):
     data_loader_test = build_eval_loader(dataset_test, args)
 
     print("Creating model")
-    model = build_model(args, num_classes, device, resume_checkpoint)
+    model = build_model(args, num_classes, coco_utils.get_category_names(dataset_test), device, resume_checkpoint)
     model_without_ddp = model
     if args.distributed:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[args.gpu] if device.type == "cuda" else None)

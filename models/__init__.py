@@ -4,7 +4,7 @@ import torch
 
 from .ssd import SSD, ssd300_vgg16
 from .ssdlite import ssdlite320_mobilenet_v3_large
-from .weights import WeightsError, load_checkpoint_file, load_model_state
+from .weights import WeightsError, class_names, load_checkpoint_file, load_model_state
 
 _BUILDERS = {
     "ssd300_vgg16": ssd300_vgg16,
@@ -26,7 +26,7 @@ _CHANNELS_LAST = {  # (device type, training) -> model names
 }
 
 __all__ = [
-    "SSD", "WeightsError", "get_model", "list_models", "load_checkpoint_file", "load_model_state",
+    "SSD", "WeightsError", "class_names", "get_model", "list_models", "load_checkpoint_file", "load_model_state",
     "prefers_channels_last", *_BUILDERS,
 ]
 
@@ -36,16 +36,25 @@ def list_models() -> list[str]:
 
 
 def get_model(name: str, *, weights=None, weights_backbone=None, num_classes=None, trainable_backbone_layers=None,
-              **kwargs) -> SSD:
+              class_names=None, **kwargs) -> SSD:
     """Build model `name` (see list_models()). weights / weights_backbone: a torchvision weights name such as
     "SSD300_VGG16_Weights.COCO_V1" / "VGG16_Weights.IMAGENET1K_FEATURES", or a local checkpoint file.
+
+    Without class_names, weights load strictly (num_classes must be theirs). class_names ({label: name} for
+    labels 1..N-1, or a checkpoint's category table) fine-tunes weights made for other classes: everything
+    but the classification layers loads whole, those are built for the given classes, and the rows of the
+    background and of every class whose name matches one of the weights' class names (ignoring case,
+    spaces, "_" and "-") are copied; a line saying what was kept is printed. Weights with the same classes
+    load strictly. With weights, trainable_backbone_layers defaults as in torchvision (SSD300 4 of 5,
+    SSDlite 6 of 6).
+
     kwargs: SSD options (score_thresh, nms_thresh, detections_per_img, topk_candidates, iou_thresh,
     positive_fraction, image_mean, image_std)."""
     if name not in _BUILDERS:
         raise ValueError(f"unknown model '{name}'; valid names: {', '.join(_BUILDERS)}")
     return _BUILDERS[name](
         weights=weights, weights_backbone=weights_backbone, num_classes=num_classes,
-        trainable_backbone_layers=trainable_backbone_layers, **kwargs,
+        trainable_backbone_layers=trainable_backbone_layers, class_names=class_names, **kwargs,
     )
 
 

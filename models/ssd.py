@@ -4,6 +4,7 @@ Behaves like torchvision's SSD / ssd300_vgg16 (same state_dict, same losses and 
 """
 import math
 import warnings
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +16,10 @@ from .postprocess import postprocess_detections
 from .transform import (
     batch_targets, check_images, check_targets, find_bad_box, normalize_and_resize, scale_boxes,
 )
-from .weights import WeightsError, load_model_state, load_weights
+from .weights import (
+    Weights, WeightsError, load_for_new_classes, load_model_state, load_weights, normalize_class_name,
+    class_names as weight_class_names,
+)
 
 # Options of SSD.__init__ that the builders accept as keyword arguments.
 SSD_OPTIONS = (
@@ -337,30 +341,75 @@ def freeze_stages(layers: nn.Sequential, stage_starts: list[int], trainable_stag
         layer.requires_grad_(False)
 
 
-def model_weights(weights, torchvision_model: str, num_classes: int | None, class_key: str, anchors_per_cell: int):
-    """(state_dict, source, num_classes) for builder weights=...; state_dict is None without weights.
-    A local file without num_classes gives num_classes from its classification layer class_key."""
+class WeightsPlan(NamedTuple):
+    """What a builder does with weights=...: see model_weights."""
+    weights: Weights | None  # None: no weights, the model keeps its initialisation
+    num_classes: int
+    new_class_names: dict[int, str] | None  # set: adapt the classification layers to these classes
+
+
+def model_weights(weights, torchvision_model: str, num_classes: int | None, class_names: dict | None,
+                  class_key: str, anchors_per_cell: int) -> WeightsPlan:
+    """Read builder weights=... and decide how they load.
+
+    Without class_names the load is strict, as in torchvision: num_classes must be the weights' (a local
+    file without num_classes gives num_classes from its classification layer class_key). With class_names
+    (the classes to predict, {label: name} or a category table) num_classes defaults to the largest label
+    + 1, and weights made for other classes are adapted to them (load_for_new_classes); weights with the
+    same classes (same number and, where both are named, the same names per label) still load strictly.
+    """
     if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 2):
         raise ValueError(f"num_classes must be an integer >= 2 (background included), got {num_classes}")
+    if class_names is not None:
+        class_names = read_class_names(class_names)
+        num_classes = num_classes or max(class_names) + 1
+        if max(class_names) >= num_classes:
+            raise ValueError(f"class_names has label {max(class_names)}, num_classes={num_classes} is too small")
     if weights is None:
-        return None, None, num_classes or 91
-    state_dict, source, trained_classes = load_weights(weights, torchvision_model, num_classes)
-    if trained_classes is not None:
-        return state_dict, source, trained_classes
-    if num_classes is None:
-        if class_key not in state_dict:
-            raise WeightsError(f"{source} has no {class_key} to read num_classes from")
-        num_classes = state_dict[class_key].shape[0] // anchors_per_cell
-    return state_dict, source, num_classes
+        return WeightsPlan(None, num_classes or 91, None)
+    loaded = load_weights(weights, torchvision_model, num_classes if class_names is None else None)
+    trained_classes = loaded.num_classes
+    if trained_classes is None and class_key in loaded.state_dict:
+        trained_classes = loaded.state_dict[class_key].shape[0] // anchors_per_cell
+    if class_names is None:
+        if num_classes is None and trained_classes is None:
+            raise WeightsError(f"{loaded.source} has no {class_key} to read num_classes from")
+        return WeightsPlan(loaded, num_classes or trained_classes, None)
+    same_names = all(
+        normalize_class_name(loaded.class_names[label]) == normalize_class_name(name)
+        for label, name in class_names.items() if label in (loaded.class_names or {})
+    )
+    same_classes = trained_classes == num_classes and same_names
+    return WeightsPlan(loaded, num_classes, None if same_classes else class_names)
+
+
+def read_class_names(class_names: dict) -> dict[int, str]:
+    """{label: name} with labels >= 1, from {label: name} or a category table."""
+    names = weight_class_names(class_names)
+    if not names or min(names) < 1:
+        raise ValueError(f"class_names needs labels >= 1 (0 is the background), got {sorted(names)}")
+    return names
+
+
+def load_planned_weights(model: "SSD", plan: WeightsPlan) -> None:
+    """Load the weights of plan into the model the builder made; a fine-tune prints what it kept."""
+    if plan.weights is None:
+        return
+    if plan.new_class_names is None:
+        load_model_state(model, plan.weights.state_dict, plan.weights.source)
+    else:
+        print(load_for_new_classes(model, plan.weights, plan.new_class_names))
 
 
 def ssd300_vgg16(
-    *, weights=None, weights_backbone=None, num_classes=None, trainable_backbone_layers=None, **options
+    *, weights=None, weights_backbone=None, num_classes=None, trainable_backbone_layers=None, class_names=None,
+    **options
 ) -> SSD:
     """SSD300 with a VGG16 backbone, as torchvision's ssd300_vgg16.
 
     weights: "SSD300_VGG16_Weights.COCO_V1" (or the enum member) or a local checkpoint file; it replaces
-    weights_backbone ("VGG16_Weights.IMAGENET1K_FEATURES" or a local VGG16 state_dict file). options: see
+    weights_backbone ("VGG16_Weights.IMAGENET1K_FEATURES" or a local VGG16 state_dict file). class_names
+    ({label: name}): fine-tune weights made for other classes to these (see model_weights). options: see
     SSD_OPTIONS.
     """
     check_options("ssd300_vgg16", options)
@@ -369,18 +418,19 @@ def ssd300_vgg16(
         aspect_ratios, scales=[0.07, 0.15, 0.33, 0.51, 0.69, 0.87, 1.05], steps=[8, 16, 32, 64, 100, 300]
     )
     num_anchors = anchor_generator.num_anchors_per_location()
-    state_dict, source, num_classes = model_weights(
-        weights, "ssd300_vgg16", num_classes, "head.classification_head.module_list.0.weight", num_anchors[0]
+    plan = model_weights(
+        weights, "ssd300_vgg16", num_classes, class_names, "head.classification_head.module_list.0.weight",
+        num_anchors[0],
     )
-    if state_dict is not None:
+    if plan.weights is not None:
         weights_backbone = None
     trainable_layers = resolve_trainable_layers(
-        state_dict is not None or weights_backbone is not None, trainable_backbone_layers, 5, 4
+        plan.weights is not None or weights_backbone is not None, trainable_backbone_layers, 5, 4
     )
 
     vgg = vgg16_features()
     if weights_backbone is not None:
-        vgg_state, vgg_source, _ = load_weights(weights_backbone, "vgg16")
+        vgg_state, vgg_source = load_weights(weights_backbone, "vgg16")[:2]
         # VGG16 checkpoints hold the whole classifier network; SSD only uses its convolutions.
         features = {key[len("features."):]: value for key, value in vgg_state.items() if key.startswith("features.")}
         load_model_state(vgg, features, f"{vgg_source} (features.*)")
@@ -388,10 +438,10 @@ def ssd300_vgg16(
 
     model = SSD(
         VGG16Extractor(vgg),
-        SSDHead([512, 1024, 512, 256, 256, 256], num_anchors, num_classes),
+        SSDHead([512, 1024, 512, 256, 256, 256], num_anchors, plan.num_classes),
         anchor_generator,
         size=(300, 300),
-        num_classes=num_classes,
+        num_classes=plan.num_classes,
         **{
             # Caffe-style input: 0-255 RGB minus the ImageNet mean, as the VGG16 features were trained with.
             "image_mean": [0.48235, 0.45882, 0.40784],
@@ -399,6 +449,5 @@ def ssd300_vgg16(
             **options,
         },
     )
-    if state_dict is not None:
-        load_model_state(model, state_dict, source)
+    load_planned_weights(model, plan)
     return model

@@ -9,7 +9,9 @@ from torchvision.models import mobilenet_v3_large
 from torchvision.ops.misc import Conv2dNormActivation
 
 from .anchors import DefaultBoxes
-from .ssd import SSD, SSDHead, check_options, freeze_stages, model_weights, resolve_trainable_layers
+from .ssd import (
+    SSD, SSDHead, check_options, freeze_stages, load_planned_weights, model_weights, resolve_trainable_layers,
+)
 from .weights import load_model_state, load_weights
 
 # BatchNorm settings of the SSDlite paper's TensorFlow setup.
@@ -75,32 +77,34 @@ class MobileNetV3Extractor(nn.Module):
 
 
 def ssdlite320_mobilenet_v3_large(
-    *, weights=None, weights_backbone=None, num_classes=None, trainable_backbone_layers=None, **options
+    *, weights=None, weights_backbone=None, num_classes=None, trainable_backbone_layers=None, class_names=None,
+    **options
 ) -> SSD:
     """SSDlite320 with a MobileNetV3-Large backbone, as torchvision's ssdlite320_mobilenet_v3_large.
 
     weights: "SSDLite320_MobileNet_V3_Large_Weights.COCO_V1" (or the enum member) or a local checkpoint file;
     it replaces weights_backbone ("MobileNet_V3_Large_Weights.IMAGENET1K_V1" or a local MobileNetV3 file).
     Without backbone weights the backbone has the paper's "reduced tail" (half-width C4/C5 blocks), as the
-    released COCO weights do. options: see SSD_OPTIONS.
+    released COCO weights do. class_names ({label: name}): fine-tune weights made for other classes to
+    these (see models.ssd.model_weights). options: see SSD_OPTIONS.
     """
     check_options("ssdlite320_mobilenet_v3_large", options)
     anchor_generator = DefaultBoxes([[2, 3]] * 6, min_ratio=0.2, max_ratio=0.95)
     num_anchors = anchor_generator.num_anchors_per_location()
-    state_dict, source, num_classes = model_weights(
-        weights, "ssdlite320_mobilenet_v3_large", num_classes, "head.classification_head.module_list.0.1.weight",
-        num_anchors[0],
+    plan = model_weights(
+        weights, "ssdlite320_mobilenet_v3_large", num_classes, class_names,
+        "head.classification_head.module_list.0.1.weight", num_anchors[0],
     )
-    if state_dict is not None:
+    if plan.weights is not None:
         weights_backbone = None
     trainable_layers = resolve_trainable_layers(
-        state_dict is not None or weights_backbone is not None, trainable_backbone_layers, 6, 6
+        plan.weights is not None or weights_backbone is not None, trainable_backbone_layers, 6, 6
     )
 
     reduced_tail = weights_backbone is None
-    if state_dict is not None and C4_PROJECTION_KEY in state_dict:
+    if plan.weights is not None and C4_PROJECTION_KEY in plan.weights.state_dict:
         # A checkpoint of a model trained from ImageNet weights has the full tail: build what the file holds.
-        reduced_tail = state_dict[C4_PROJECTION_KEY].shape[0] == 80
+        reduced_tail = plan.weights.state_dict[C4_PROJECTION_KEY].shape[0] == 80
     backbone = mobilenet_v3_large(weights=None, norm_layer=BatchNorm, reduced_tail=reduced_tail)
     if weights_backbone is not None:
         load_model_state(backbone, *load_weights(weights_backbone, "mobilenet_v3_large")[:2])
@@ -115,10 +119,10 @@ def ssdlite320_mobilenet_v3_large(
 
     model = SSD(
         extractor,
-        SSDHead(extractor.out_channels, num_anchors, num_classes, make_predictor=_prediction_block),
+        SSDHead(extractor.out_channels, num_anchors, plan.num_classes, make_predictor=_prediction_block),
         anchor_generator,
         size=(320, 320),
-        num_classes=num_classes,
+        num_classes=plan.num_classes,
         **{
             "score_thresh": 0.001,
             "nms_thresh": 0.55,
@@ -130,6 +134,5 @@ def ssdlite320_mobilenet_v3_large(
             **options,
         },
     )
-    if state_dict is not None:
-        load_model_state(model, state_dict, source)
+    load_planned_weights(model, plan)
     return model
