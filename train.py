@@ -357,8 +357,9 @@ def take_output_dir(args):
     """Create --output-dir, lock it for this process's life and check it may be written; rank 0 only (the only
     writer). Returns the lock, which must stay referenced until the end."""
     utils.prepare_output_dir(args.output_dir)
+    check_output_dir(args)  # first without the lock: a refused folder is left exactly as it was
     lock = utils.lock_output_dir(args.output_dir)
-    check_output_dir(args)
+    check_output_dir(args)  # again under the lock, which another run may have just released
     stale = utils.remove_stale_temp_files(args.output_dir)
     if stale:
         print(f"removed {len(stale)} temporary file(s) an interrupted write left in {args.output_dir}: "
