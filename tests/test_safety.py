@@ -311,8 +311,9 @@ def prepare_case(folder, run):
 
 
 @pytest.fixture(scope="module")
-def start_up_results(stopped_during_save, tmp_path_factory):
-    """{case: (exit code, stderr, sha256 of the case folder before, after, the run's folder before, after)}."""
+def start_up_results(stopped_during_save, tiny_root, tmp_path_factory):
+    """{case: (exit code, stderr, sha256 of the case folder before, after, the run's folder before, after)} for
+    STARTUP_CASES and TEST_ONLY (evaluating a checkpoint with --output-dir its own run's folder)."""
     run = stopped_during_save[0]
     root = tmp_path_factory.mktemp("cases")
     cases, before = {}, {}
@@ -321,6 +322,10 @@ def start_up_results(stopped_during_save, tmp_path_factory):
         script, args = build(root / name, run)
         cases[name] = [script, [str(arg) for arg in args]]
         before[name] = snapshot(root / name)
+    shutil.copytree(run, root / TEST_ONLY)
+    args = tiny_run_args(tiny_root, root / TEST_ONLY, "--test-only", "--resume", root / TEST_ONLY / "checkpoint.pth")
+    cases[TEST_ONLY] = ["train.py", [str(arg) for arg in args]]
+    before[TEST_ONLY] = snapshot(root / TEST_ONLY)
     run_before = snapshot(run)
     (root / "cases.json").write_text(json.dumps(cases))
     (root / "runner.py").write_text(CASE_RUNNER.format(repo=str(REPO)))
@@ -328,6 +333,15 @@ def start_up_results(stopped_during_save, tmp_path_factory):
                    cwd=REPO, check=True, timeout=600)
     results = json.loads((root / "results.json").read_text())
     return {name: (*results[name], before[name], snapshot(root / name), run_before, snapshot(run)) for name in cases}
+
+
+TEST_ONLY = "test_only_next_to_a_checkpoint"
+
+
+def test_test_only_may_write_next_to_a_checkpoint_and_leaves_it_alone(start_up_results):
+    code, stderr, before, after, _, _ = start_up_results[TEST_ONLY]
+    assert code == 0, stderr[-3000:]
+    assert {name: digest for name, digest in after.items() if name in before} == before
 
 
 @pytest.mark.parametrize("case", STARTUP_CASES)
