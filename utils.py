@@ -486,8 +486,11 @@ def _read_holder(lock_file, attempts=20):
 # ----------------------------------------------------------------------------------------------------- signals
 
 
-class StopRequested(Exception):
-    """SIGINT or SIGTERM asked the run to stop; exit_code is the shell's convention, 128 + the signal number."""
+class StopRequested(BaseException):
+    """SIGINT or SIGTERM asked the run to stop; exit_code is the shell's convention, 128 + the signal number.
+
+    A BaseException, like KeyboardInterrupt, so that no `except Exception` on its way turns it into another error.
+    """
 
     def __init__(self, signum, where=""):
         self.signum = signum
