@@ -18,8 +18,19 @@ import errno
 import math
 import os
 import re
+import signal
 import sys
 import time
+
+
+def _stop_while_importing(signum, frame):
+    print(f"train.py: stopped by {signal.Signals(signum).name} while starting", file=sys.stderr)
+    sys.exit(128 + signum)
+
+
+if __name__ == "__main__":
+    # Ctrl-C during the seconds the imports below take ends in one line too; main() installs the real handlers.
+    signal.signal(signal.SIGINT, _stop_while_importing)
 
 import torch
 import torch.utils.data

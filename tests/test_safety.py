@@ -182,6 +182,14 @@ def test_two_runs_into_one_folder_one_runs_the_other_stops_at_once(tiny_root, tm
     assert temp_files(output_dir) == [] and not (output_dir / "checkpoint.pth").exists()
 
 
+def test_ctrl_c_while_train_py_starts_is_one_line(tmp_path):
+    process = start_train("--output-dir", tmp_path / "out")
+    time.sleep(1.0)  # inside the imports of torch and friends, or just after them
+    process.send_signal(signal.SIGINT)
+    returncode, _, stderr = finish(process)
+    assert_one_line(returncode, stderr, 130, "stopped by SIGINT")
+
+
 # ------------------------------------------------------------------------------------ refused at start-up
 
 
