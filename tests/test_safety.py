@@ -112,19 +112,22 @@ runpy.run_path({train!r}, run_name="__main__")
 
 @pytest.fixture(scope="module")
 def stopped_during_save(tiny_root, tmp_path_factory):
-    """A run sent SIGTERM while it wrote epoch 0's model_0.pth: (output_dir, exit code, stderr)."""
+    """A run sent SIGTERM while it wrote epoch 0's model_0.pth: (output_dir, exit code, stderr, the temporary
+    files present when the signal was sent)."""
     launcher = tmp_path_factory.mktemp("launcher") / "slow_save.py"
     launcher.write_text(SLOW_SAVE_LAUNCHER.format(repo=str(REPO), train=str(REPO / "train.py")))
     output_dir = tmp_path_factory.mktemp("run") / "out"
     process = start_train(*tiny_run_args(tiny_root, output_dir), launcher=[str(launcher)])
     wait_for_line(process, "SAVE-IN-PROGRESS")
+    in_progress = temp_files(output_dir)
     process.send_signal(signal.SIGTERM)
     returncode, _, stderr = finish(process)
-    return output_dir, returncode, stderr
+    return output_dir, returncode, stderr, in_progress
 
 
 def test_sigterm_during_a_save_finishes_it_and_stops(stopped_during_save):
-    output_dir, returncode, stderr = stopped_during_save
+    output_dir, returncode, stderr, in_progress = stopped_during_save
+    assert len(in_progress) == 1 and in_progress[0].startswith(".model_0.pth.")  # the signal came mid-save
     checkpoint = output_dir / "checkpoint.pth"
     assert_one_line(returncode, stderr, 143, "SIGTERM", "after saving epoch 0", f"--resume {checkpoint}")
     assert temp_files(output_dir) == []
