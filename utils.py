@@ -157,10 +157,6 @@ def collate_fn(batch):
     return tuple(zip(*batch))
 
 
-def mkdir(path):
-    os.makedirs(path, exist_ok=True)
-
-
 # ---------------------------------------------------------------------------------------------- distributed
 
 
