@@ -230,7 +230,8 @@ class CocoDetection(torch.utils.data.Dataset):
     annotation file alone.
     """
 
-    def __init__(self, img_folder, ann_file, transforms=None, drop_images_without_boxes=False, allow_paths_outside=False):
+    def __init__(self, img_folder, ann_file, transforms=None, drop_images_without_boxes=False,
+                 allow_paths_outside=False):
         self.coco, ids = _load_coco(img_folder, ann_file, allow_paths_outside)
         self.img_folder = img_folder
         self.ann_file = ann_file

@@ -241,7 +241,8 @@ def build_eval_loader(dataset, args):
         sampler = torch.utils.data.SequentialSampler(dataset)
     return torch.utils.data.DataLoader(
         dataset, batch_size=args.eval_batch_size, sampler=sampler, num_workers=args.workers,
-        collate_fn=utils.collate_fn, pin_memory=args.device.startswith("cuda"), worker_init_fn=utils.ignore_stop_signals,
+        collate_fn=utils.collate_fn, pin_memory=args.device.startswith("cuda"),
+        worker_init_fn=utils.ignore_stop_signals,
         # Its own generator, so evaluating never consumes the global RNG that exact resume depends on.
         generator=torch.Generator().manual_seed(0),
     )
