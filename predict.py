@@ -7,7 +7,9 @@ all detections of the run in one detections.json.
 
 Inputs are image files or folders (searched recursively). A picture keeps the input's path relative to its folder
 argument; names that would collide get a numeric suffix. The output folder may lie inside an input folder (it is
-not searched) but must not be, or hold, an input: it is refused rather than write over the user's images. Images are
+not searched) but must not be, or hold, an input, nor hold files of the same names that an earlier predict.py run
+there did not write (its detections.json lists what it wrote): such a folder is refused rather than write over the
+user's files. Images are
 decoded exactly as training decodes them (coco_utils.load_rgb_image: EXIF orientation ignored, transparency on
 white, 16-bit rescaled). Class names come from the training checkpoint (train.py
 stores the dataset's categories in it) or, for torchvision's COCO weights, from the weights' metadata.
@@ -30,6 +32,7 @@ import coco_utils
 import models
 import utils
 
+SUMMARY_NAME = "detections.json"
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 # matplotlib (a core requirement) ships DejaVu Sans: a scalable font that is always there, no download needed.
 FONT_PATH = os.path.join(matplotlib.get_data_path(), "fonts", "ttf", "DejaVuSans.ttf")
@@ -140,6 +143,28 @@ def check_output_dir_holds_no_input(output_dir, inputs):
                              "choose a folder outside the inputs")
 
 
+def check_no_foreign_file_replaced(output_dir, picture_names):
+    """Refuse to replace files in output_dir that no earlier predict.py run there wrote: a rerun may replace the
+    pictures and detections.json its predecessor listed in detections.json, nothing else."""
+    targets = [*picture_names, SUMMARY_NAME]
+    existing = [name for name in targets if os.path.lexists(os.path.join(output_dir, name))]
+    foreign = [name for name in existing if name not in earlier_outputs(output_dir)]
+    if foreign:
+        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+        raise UsageError(f"--output-dir {output_dir} already holds {foreign[0]}{more}, which no earlier predict.py "
+                         "run there wrote: choose another --output-dir")
+
+
+def earlier_outputs(output_dir):
+    """The files an earlier predict.py run wrote into output_dir, as its detections.json lists them."""
+    try:
+        with open(os.path.join(output_dir, SUMMARY_NAME), encoding="utf-8") as f:
+            records = json.load(f)["images"]
+        return {SUMMARY_NAME, *(record["picture"] for record in records)}
+    except (OSError, ValueError, RecursionError, KeyError, TypeError):  # none, or not predict.py's
+        return set()
+
+
 def read_image(path):
     """The image as a uint8 RGB tensor [3, H, W], decoded as the training loader decodes it."""
     return pil_to_tensor(coco_utils.load_rgb_image(path))
@@ -213,20 +238,20 @@ def read_batches(images, batch_size):
         yield batch, len(images)
 
 
-def predict(model, class_names, images, output_dir, device="cpu", batch_size=8, print_freq=20):
-    """Detect on [(path, picture name)], write the pictures under output_dir, return the detections.json records."""
-    records, start, next_report = [], time.time(), print_freq
+def predict(model, class_names, images, output_dir, records, device="cpu", batch_size=8, print_freq=20):
+    """Detect on [(path, picture name)] and write the pictures under output_dir, appending each image's
+    detections.json record to records first: an interrupted run can still list every picture it began to write."""
+    start, next_report = time.time(), print_freq
     for batch, consumed in read_batches(images, batch_size):
         outputs = detect(model, [image for _, _, image in batch], device)
         for (path, picture_name, image), output in zip(batch, outputs):
             detections = detection_records(output, class_names)
-            save_picture(draw_detections(image, detections), os.path.join(output_dir, picture_name))
             records.append({"file": path, "picture": picture_name, "width": image.shape[2], "height": image.shape[1],
                             "detections": detections})
+            save_picture(draw_detections(image, detections), os.path.join(output_dir, picture_name))
         if consumed >= next_report:
             print(f"{consumed}/{len(images)} images, {len(records) / (time.time() - start):.1f} images/s", flush=True)
             next_report = (consumed // print_freq + 1) * print_freq
-    return records
 
 
 def get_args_parser():
@@ -262,17 +287,23 @@ def main(args):
         extensions = " ".join(sorted(IMAGE_EXTENSIONS))
         raise UsageError(f"no image found in {' '.join(args.inputs)} (extensions: {extensions})")
     check_output_dir_holds_no_input(args.output_dir, args.inputs)
+    check_no_foreign_file_replaced(args.output_dir, [picture_name for _, picture_name in images])
     utils.prepare_output_dir(args.output_dir)
     model, model_name, class_names = load_detector(args.model, args.weights, args.device)
     if models.prefers_channels_last(model_name, args.device, training=False):
         model.to(memory_format=torch.channels_last)
     model.score_thresh = args.score_thresh
 
-    records = predict(model, class_names, images, args.output_dir, args.device, args.batch_size, args.print_freq)
+    records = []
+    try:
+        predict(model, class_names, images, args.output_dir, records, args.device, args.batch_size, args.print_freq)
+    finally:  # also when interrupted, so that a rerun into this folder may replace these pictures
+        if records:
+            summary = {"model": model_name, "weights": args.weights, "score_thresh": args.score_thresh,
+                       "images": records}
+            utils.write_text_atomic(os.path.join(args.output_dir, SUMMARY_NAME), json.dumps(summary, indent=1))
     if not records:
         raise UsageError(f"none of the {len(images)} input images could be read")
-    summary = {"model": model_name, "weights": args.weights, "score_thresh": args.score_thresh, "images": records}
-    utils.write_text_atomic(os.path.join(args.output_dir, "detections.json"), json.dumps(summary, indent=1))
     total = sum(len(record["detections"]) for record in records)
     print(f"{total} detections in {len(records)} images; pictures and detections.json in {args.output_dir}")
 
@@ -283,5 +314,5 @@ if __name__ == "__main__":
     except (UsageError, models.WeightsError, utils.UserInputError) as error:
         sys.exit(f"predict.py: {error}")
     except KeyboardInterrupt:
-        print("predict.py: interrupted; detections.json was not written", file=sys.stderr)
+        print("predict.py: interrupted; detections.json lists the pictures written so far", file=sys.stderr)
         sys.exit(130)

@@ -230,6 +230,17 @@ def with_data(case, **coco):
     return build
 
 
+def predict_into_shots(listed_by_an_earlier_run):
+    """predict.py photos/ into shots/, which already holds an a.png, listed or not in an earlier detections.json."""
+    def build(tmp, run):
+        (tmp / "shots").mkdir()
+        (tmp / "shots" / "a.png").write_text("the user's a.png")
+        if listed_by_an_earlier_run:
+            (tmp / "shots" / "detections.json").write_text(json.dumps({"images": [{"picture": "a.png"}]}))
+        return "predict.py", ["--weights", run / "model_0.pth", "--output-dir", tmp / "shots", tmp / "photos"]
+    return build
+
+
 STARTUP_CASES = {
     # train.py: output folders
     "output_dir_is_a_file": (train_case(output="user.txt"), ["user.txt", "is a file"]),
@@ -271,6 +282,7 @@ STARTUP_CASES = {
                                       ["--output-dir", "is the input"]),
     "predict_into_a_folder_holding_an_input": (lambda tmp, run: ("predict.py", [
         "--weights", run / "model_0.pth", "--output-dir", tmp, tmp / "photos" / "a.png"]), ["holds the input"]),
+    "predict_over_a_file_it_did_not_write": (predict_into_shots(False), ["already holds a.png", "no earlier"]),
     "predict_into_a_file": (lambda tmp, run: ("predict.py", ["--weights", run / "model_0.pth", "--output-dir",
                                                              tmp / "user.txt", tmp / "photos"]), ["is a file"]),
     "export_over_the_weights": (lambda tmp, run: ("export.py", ["--weights", tmp / "model.pth", "--output",
@@ -324,7 +336,7 @@ def prepare_case(folder, run):
 @pytest.fixture(scope="module")
 def start_up_results(stopped_during_save, tiny_root, tmp_path_factory):
     """{case: (exit code, stderr, sha256 of the case folder before, after, the run's folder before, after)} for
-    STARTUP_CASES and TEST_ONLY (evaluating a checkpoint with --output-dir its own run's folder)."""
+    STARTUP_CASES, PREDICT_AGAIN and TEST_ONLY (evaluating a checkpoint with --output-dir its own run's folder)."""
     run = stopped_during_save[0]
     root = tmp_path_factory.mktemp("cases")
     cases, before = {}, {}
@@ -333,6 +345,10 @@ def start_up_results(stopped_during_save, tiny_root, tmp_path_factory):
         script, args = build(root / name, run)
         cases[name] = [script, [str(arg) for arg in args]]
         before[name] = snapshot(root / name)
+    prepare_case(root / PREDICT_AGAIN, run)
+    script, args = predict_into_shots(True)(root / PREDICT_AGAIN, run)
+    cases[PREDICT_AGAIN] = [script, [str(arg) for arg in args]]
+    before[PREDICT_AGAIN] = snapshot(root / PREDICT_AGAIN)
     shutil.copytree(run, root / TEST_ONLY)
     args = tiny_run_args(tiny_root, root / TEST_ONLY, "--test-only", "--resume", root / TEST_ONLY / "checkpoint.pth")
     cases[TEST_ONLY] = ["train.py", [str(arg) for arg in args]]
@@ -347,6 +363,16 @@ def start_up_results(stopped_during_save, tiny_root, tmp_path_factory):
 
 
 TEST_ONLY = "test_only_next_to_a_checkpoint"
+PREDICT_AGAIN = "predict_again_over_its_own_pictures"
+
+
+def test_predict_may_replace_what_an_earlier_run_wrote(start_up_results):
+    code, stderr, before, after, _, _ = start_up_results[PREDICT_AGAIN]
+    assert code == 0, stderr[-3000:]
+    replaced = {"shots/a.png", "shots/detections.json"}
+    assert replaced <= set(before) and all(after[name] != before[name] for name in replaced)
+    assert {name: digest for name, digest in after.items() if name in before and name not in replaced} == \
+        {name: digest for name, digest in before.items() if name not in replaced}
 
 
 def test_test_only_may_write_next_to_a_checkpoint_and_leaves_it_alone(start_up_results):
