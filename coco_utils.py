@@ -39,6 +39,10 @@ SPLITS = {
 
 # Pillow's RGB conversion clips 16-bit grayscale at 255 (nearly white images); these modes are rescaled instead.
 _SIXTEEN_BIT_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N"}
+# Transparent pixels are composited onto white, as a browser shows them on a white page: the colour stored under a
+# fully transparent pixel is arbitrary (often black), so dropping alpha would show the model whatever the encoder
+# left there.
+ALPHA_BACKGROUND = (255, 255, 255)
 
 
 class DatasetError(ValueError):
@@ -58,16 +62,22 @@ def _read_json(path):
         raise DatasetError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
     except UnicodeDecodeError as e:
         raise DatasetError(f"{path}: not a UTF-8 JSON file ({e.reason} at byte {e.start})") from None
+    except RecursionError:
+        raise DatasetError(f"{path}: JSON nested too deeply to read (a COCO file is a few levels deep)") from None
     except OSError as e:
         raise DatasetError(f"{path}: cannot read annotation file: {e.strerror}") from None
 
 
-def _is_bbox(bbox):
-    """4 finite numbers; sum() rejects non-numbers with a TypeError and propagates NaN and infinity."""
-    try:
-        return isinstance(bbox, list) and len(bbox) == 4 and math.isfinite(sum(bbox))
-    except TypeError:
-        return False
+def _bbox_problem(bbox):
+    """Why bbox is not [x, y, width, height] of 4 finite numbers whose corners and area are finite, or None."""
+    numbers = isinstance(bbox, list) and len(bbox) == 4 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox)
+    if not (numbers and all(math.isfinite(v) for v in bbox)):
+        return "must be 4 finite numbers [x, y, width, height]"
+    x, y, width, height = map(float, bbox)
+    if not all(math.isfinite(v) for v in (x + width, y + height, max(width, 0) * max(height, 0))):
+        return "is out of range: x + width, y + height and the area width * height overflow"
+    return None
 
 
 def _is_category_id(value):
@@ -121,8 +131,9 @@ def _check_coco_dict(data, ann_file):
             raise DatasetError(f'{ann_file}: annotation id {ann_id} refers to image id {image_id!r}, not in "images"')
         where = f"{ann_file}: annotation id {ann_id} (image id {image_id})"
         bbox = ann.get("bbox")
-        if not _is_bbox(bbox):
-            raise DatasetError(f"{where}: bbox must be 4 finite numbers [x, y, width, height], got {_one_line(repr(bbox), 80)}")
+        problem = _bbox_problem(bbox)
+        if problem:
+            raise DatasetError(f"{where}: bbox {problem}, got {_one_line(repr(bbox), 80)}")
         if ann.get("category_id") not in category_ids:
             raise DatasetError(f'{where}: category id {ann.get("category_id")!r} is not in "categories"')
         ann.setdefault("iscrowd", 0)
@@ -175,6 +186,17 @@ def _label(label_of, ann, ann_file):
     return label
 
 
+def _check_image_paths(coco, ids, ann_file):
+    """Refuse file_names that leave the image folder: absolute paths and '..' components."""
+    for image_id in ids:
+        file_name = coco.imgs[image_id]["file_name"]
+        if os.path.isabs(file_name) or ".." in file_name.replace("\\", "/").split("/"):
+            raise DatasetError(
+                f"{ann_file}: image id {image_id} has file_name {file_name!r}, which is outside the image folder "
+                "(absolute or with '..'); pass --allow-image-paths-outside-folder if that is intended"
+            )
+
+
 def load_annotation_file(ann_file):
     """The validated pycocotools COCO object of a COCO detection file; bad input raises a one-line DatasetError."""
     data = _read_json(ann_file)
@@ -182,12 +204,14 @@ def load_annotation_file(ann_file):
     return _build_coco_api(data)
 
 
-def _load_coco(img_folder, ann_file, coco=None):
+def _load_coco(img_folder, ann_file, coco=None, allow_paths_outside=False):
     """Validated pycocotools COCO object (read from ann_file unless given) and its sorted image ids, after checking
-    every image file exists."""
+    every image file exists (and, unless allow_paths_outside, lies inside img_folder by its name)."""
     if coco is None:
         coco = load_annotation_file(ann_file)
     ids = sorted(coco.imgs)
+    if not allow_paths_outside:
+        _check_image_paths(coco, ids, ann_file)
     missing = [i for i in ids if not os.path.isfile(os.path.join(img_folder, coco.imgs[i]["file_name"]))]
     if missing:
         path = os.path.join(img_folder, coco.imgs[missing[0]]["file_name"])
@@ -262,19 +286,35 @@ def _to_rgb(image):
     if image.mode in _SIXTEEN_BIT_MODES:
         eight_bit = (np.asarray(image, dtype=np.float32) / 257.0).round().clip(0, 255).astype(np.uint8)
         return Image.fromarray(eight_bit, mode="L").convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGB", rgba.size, ALPHA_BACKGROUND)
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
     if image.mode == "RGB":
         image.load()
         return image
-    return image.convert("RGB")  # alpha is dropped, palettes / CMYK / grayscale expanded
+    return image.convert("RGB")  # palettes, CMYK (Pillow's formula, no colour profile) and grayscale expanded
 
 
-def load_rgb_image(path, image_id):
-    """Decode an image as 3-channel 8-bit RGB whatever its mode; decoding errors become one-line DatasetErrors."""
+def load_rgb_image(path, image_id=None):
+    """Decode an image file as 3-channel 8-bit RGB whatever its mode: the one decoder of training, evaluation,
+    predict.py and export.py --check, so all of them see the same pixels.
+
+    - 16-bit grayscale is rescaled to 8 bits (value / 257), not clipped;
+    - palette, grayscale and CMYK images are expanded to RGB;
+    - transparency (an alpha channel or a palette's transparent colour) is composited onto ALPHA_BACKGROUND;
+    - EXIF orientation is ignored: the pixels are used as stored, the frame that COCO annotations (width, height,
+      boxes), pycocotools and torchvision's loaders use.
+
+    Decoding errors become one-line DatasetErrors naming the file (and image id when given).
+    """
     try:
         with Image.open(path) as image:
             return _to_rgb(image)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise DatasetError(f"{path}: cannot decode image id {image_id}: {_one_line(e)}") from None
+        which = f" id {image_id}" if image_id is not None else ""
+        raise DatasetError(f"{path}: cannot decode image{which}: {_one_line(e)}") from None
 
 
 class CocoDetection(torch.utils.data.Dataset):
@@ -288,8 +328,8 @@ class CocoDetection(torch.utils.data.Dataset):
     """
 
     def __init__(self, img_folder, ann_file, transforms=None, drop_images_without_boxes=False, categories=None,
-                 coco=None):
-        self.coco, ids = _load_coco(img_folder, ann_file, coco)
+                 coco=None, allow_paths_outside=False):
+        self.coco, ids = _load_coco(img_folder, ann_file, coco, allow_paths_outside)
         self.categories = categories if categories is not None else build_category_table({ann_file: self.coco})
         self.img_folder = img_folder
         self.ann_file = ann_file
@@ -363,7 +403,8 @@ class _V2Labels:
         return (image, target) if self.transforms is None else self.transforms(image, target)
 
 
-def _get_coco_v2(img_folder, ann_file, transforms, drop_images_without_boxes, categories=None, coco=None):
+def _get_coco_v2(img_folder, ann_file, transforms, drop_images_without_boxes, categories=None, coco=None,
+                 allow_paths_outside=False):
     """torchvision's own dataset and v2 wrapper, as torchvision's references use with --use-v2.
 
     Its targets differ from CocoDetection above: crowd annotations stay as ordinary boxes, boxes are neither
@@ -373,7 +414,7 @@ def _get_coco_v2(img_folder, ann_file, transforms, drop_images_without_boxes, ca
     """
     import torchvision
 
-    coco, ids = _load_coco(img_folder, ann_file, coco)
+    coco, ids = _load_coco(img_folder, ann_file, coco, allow_paths_outside)
     if categories is None:
         categories = build_category_table({ann_file: coco})
     label_of = _label_of(categories)
@@ -408,20 +449,23 @@ def split_paths(root, image_set, img_folder=None, ann_file=None):
 
 
 def get_coco(root, image_set, transforms, use_v2=False, *, img_folder=None, ann_file=None, categories=None,
-             keep_empty_images=False, coco=None):
+             keep_empty_images=False, coco=None, allow_paths_outside=False):
     """The "train" or "val" split as a dataset of (image, target).
 
     img_folder / ann_file: the split's files (default: the COCO 2017 layout under root, see split_paths).
     categories: the category table giving the labels (default: ann_file's own, see build_category_table).
     keep_empty_images: keep training images without a usable box, as pure negatives (default: drop them, as
-    torchvision does). coco: ann_file already read by load_annotation_file.
+    torchvision does). coco: ann_file already read by load_annotation_file. allow_paths_outside: accept
+    file_names that are absolute or contain '..' (refused by default: they would read outside img_folder).
     """
     img_folder, ann_file = split_paths(root, image_set, img_folder, ann_file)
     drop_images_without_boxes = image_set == "train" and not keep_empty_images
     if use_v2:
-        dataset = _get_coco_v2(img_folder, ann_file, transforms, drop_images_without_boxes, categories, coco)
+        dataset = _get_coco_v2(img_folder, ann_file, transforms, drop_images_without_boxes, categories, coco,
+                               allow_paths_outside)
     else:
-        dataset = CocoDetection(img_folder, ann_file, transforms, drop_images_without_boxes, categories, coco)
+        dataset = CocoDetection(img_folder, ann_file, transforms, drop_images_without_boxes, categories, coco,
+                                allow_paths_outside)
     if drop_images_without_boxes and len(dataset) == 0:
         raise DatasetError(f"{ann_file}: no training image has a usable box (non-crowd, positive width and height)")
     return dataset

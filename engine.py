@@ -49,6 +49,10 @@ def train_one_epoch(model, optimizer, data_loader, device, epoch, print_freq, sc
         loss_reduced = sum(loss_dict_reduced.values())
         if not math.isfinite(loss_reduced.item()):
             raise NonFiniteLossError(_describe_non_finite(epoch, iteration, loss_reduced, loss_dict_reduced, targets))
+        # SIGINT / SIGTERM (deferred by the caller) stop the run here, between steps, on every rank at once.
+        stop_signal = utils.stop_signal_anywhere(device)
+        if stop_signal:
+            raise utils.StopRequested(stop_signal, f"at epoch {epoch}, iteration {iteration}")
 
         optimizer.zero_grad()
         if scaler is not None:

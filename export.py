@@ -24,9 +24,12 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torchvision.transforms.functional import pil_to_tensor
 
+import coco_utils
 import models
-from predict import UNREADABLE_IMAGE_ERRORS, UsageError, check_score_thresh, load_detector, read_image
+import utils
+from predict import UsageError, check_score_thresh, load_detector
 
 INPUT_NAMES = ["images"]
 OUTPUT_NAMES = ["boxes", "scores", "labels", "num_detections"]
@@ -97,7 +100,8 @@ def export_onnx(model, output, opset=None, metadata=None):
         verbose=False,
     )
     program.model.metadata_props.update(metadata or {})
-    program.save(output, external_data=False)
+    with utils.replacing(output) as tmp_path:  # a failed or interrupted export never leaves a partial file
+        program.save(tmp_path, external_data=False)
 
 
 def load_check_batch(paths, size, count=3, seed=0):
@@ -108,9 +112,9 @@ def load_check_batch(paths, size, count=3, seed=0):
         coarse = torch.rand(count, 3, 8, 8, generator=generator)
         return F.interpolate(coarse, size=size, mode="bilinear", align_corners=False)
     try:
-        images = [read_image(path).float().div(255) for path in paths]
-    except UNREADABLE_IMAGE_ERRORS as error:
-        raise UsageError(f"--check: cannot read an image: {error}") from None
+        images = [pil_to_tensor(coco_utils.load_rgb_image(path)).float().div(255) for path in paths]
+    except coco_utils.DatasetError as error:
+        raise UsageError(f"--check: {error}") from None
     return torch.cat([F.interpolate(image[None], size=size, mode="bilinear", align_corners=False) for image in images])
 
 
@@ -171,9 +175,18 @@ def get_args_parser():
     return parser
 
 
+def check_output(args):
+    """Before any work: --output must be writable and must not be one of the inputs (it would be replaced)."""
+    utils.check_output_file(args.output)
+    for flag, path in [("--weights", args.weights)] + [("--check", path) for path in args.check]:
+        if utils.same_file(args.output, path):
+            raise UsageError(f"--output {args.output} is the {flag} input {path}: choose another file name")
+
+
 def main(args):
     for module, package in (("onnx", "onnx"), ("onnxscript", "onnxscript"), ("onnxruntime", "onnxruntime")):
         require(module, package)
+    check_output(args)
     if args.opset is not None and args.opset < MIN_OPSET:
         raise UsageError(f"--opset {args.opset}: the exporter writes opset {MIN_OPSET} or newer")
     model, model_name, class_names = load_detector(args.model, args.weights)
@@ -204,5 +217,8 @@ def main(args):
 if __name__ == "__main__":
     try:
         main(get_args_parser().parse_args())
-    except (UsageError, models.WeightsError) as error:
+    except (UsageError, models.WeightsError, utils.UserInputError) as error:
         sys.exit(f"export.py: {error}")
+    except KeyboardInterrupt:
+        print("export.py: interrupted; no partial ONNX file was left", file=sys.stderr)
+        sys.exit(130)

@@ -14,6 +14,8 @@ import sys
 # and a training process that imports this module keeps whatever backend it had.
 from matplotlib.figure import Figure
 
+import utils
+
 REQUIRED_KEYS = {"epoch", "lr", "train"}
 # Accuracy panel per evaluation kind: (log key, {metric: legend label}, title); the first kind the log holds is drawn.
 ACCURACY_PANELS = (
@@ -80,9 +82,8 @@ def plot_curves(log_path, output_path):
         axes.xaxis.get_major_locator().set_params(integer=True)
 
     # Rename into place so that someone watching the file never opens a half-written picture.
-    temporary_path = f"{output_path}.tmp"
-    figure.savefig(temporary_path, format="png", dpi=100)
-    os.replace(temporary_path, output_path)
+    with utils.replacing(output_path) as temporary_path:
+        figure.savefig(temporary_path, format="png", dpi=100)
 
 
 def main():

@@ -6,7 +6,12 @@ all detections of the run in one detections.json.
         --score-thresh 0.4 --output-dir predictions photos/
 
 Inputs are image files or folders (searched recursively). A picture keeps the input's path relative to its folder
-argument; names that would collide get a numeric suffix. Class names come from the training checkpoint (train.py
+argument; names that would collide get a numeric suffix. The output folder may lie inside an input folder (it is
+not searched) but must not be, or hold, an input, nor hold files of the same names that an earlier predict.py run
+there did not write (its detections.json lists what it wrote): such a folder is refused rather than write over the
+user's files. Images are
+decoded exactly as training decodes them (coco_utils.load_rgb_image: EXIF orientation ignored, transparency on
+white, 16-bit rescaled). Class names come from the training checkpoint (train.py
 stores the dataset's categories in it) or, for torchvision's COCO weights, from the weights' metadata.
 """
 import argparse
@@ -19,14 +24,15 @@ import time
 import matplotlib
 import torch
 import torchvision
-from PIL import Image, ImageOps
+from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor
 from torchvision.utils import draw_bounding_boxes
 
+import coco_utils
 import models
+import utils
 
-# What PIL raises for a file that is not a readable image (missing, truncated, unknown format, too large).
-UNREADABLE_IMAGE_ERRORS = (OSError, ValueError, Image.DecompressionBombError)
+SUMMARY_NAME = "detections.json"
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 # matplotlib (a core requirement) ships DejaVu Sans: a scalable font that is always there, no download needed.
 FONT_PATH = os.path.join(matplotlib.get_data_path(), "fonts", "ttf", "DejaVuSans.ttf")
@@ -127,10 +133,41 @@ def unique_picture_names(relative_paths):
     return names
 
 
+def check_output_dir_holds_no_input(output_dir, inputs):
+    """Refuse an output folder that is an input folder or contains an input: its pictures could replace them."""
+    output = os.path.realpath(output_dir)
+    for item in inputs:
+        if os.path.commonpath([output, os.path.realpath(item)]) == output:
+            what = "is the input" if os.path.realpath(item) == output else "holds the input"
+            raise UsageError(f"--output-dir {output_dir} {what} {item}: pictures could replace your images; "
+                             "choose a folder outside the inputs")
+
+
+def check_no_foreign_file_replaced(output_dir, picture_names):
+    """Refuse to replace files in output_dir that no earlier predict.py run there wrote: a rerun may replace the
+    pictures and detections.json its predecessor listed in detections.json, nothing else."""
+    targets = [*picture_names, SUMMARY_NAME]
+    existing = [name for name in targets if os.path.lexists(os.path.join(output_dir, name))]
+    foreign = [name for name in existing if name not in earlier_outputs(output_dir)]
+    if foreign:
+        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+        raise UsageError(f"--output-dir {output_dir} already holds {foreign[0]}{more}, which no earlier predict.py "
+                         "run there wrote: choose another --output-dir")
+
+
+def earlier_outputs(output_dir):
+    """The files an earlier predict.py run wrote into output_dir, as its detections.json lists them."""
+    try:
+        with open(os.path.join(output_dir, SUMMARY_NAME), encoding="utf-8") as f:
+            records = json.load(f)["images"]
+        return {SUMMARY_NAME, *(record["picture"] for record in records)}
+    except (OSError, ValueError, RecursionError, KeyError, TypeError):  # none, or not predict.py's
+        return set()
+
+
 def read_image(path):
-    """The image as a uint8 RGB tensor [3, H, W], upright as its EXIF orientation says (as viewers show it)."""
-    with Image.open(path) as image:
-        return pil_to_tensor(ImageOps.exif_transpose(image).convert("RGB"))
+    """The image as a uint8 RGB tensor [3, H, W], decoded as the training loader decodes it."""
+    return pil_to_tensor(coco_utils.load_rgb_image(path))
 
 
 # ----------------------------------------------------------------------------------------------- the outputs
@@ -191,8 +228,8 @@ def read_batches(images, batch_size):
     for consumed, (path, picture_name) in enumerate(images, start=1):
         try:
             batch.append((path, picture_name, read_image(path)))
-        except UNREADABLE_IMAGE_ERRORS as error:
-            print(f"skipping {path}: cannot read it as an image ({error})", file=sys.stderr)
+        except coco_utils.DatasetError as error:
+            print(f"skipping {error}", file=sys.stderr)
             continue
         if len(batch) == batch_size:
             yield batch, consumed
@@ -201,20 +238,20 @@ def read_batches(images, batch_size):
         yield batch, len(images)
 
 
-def predict(model, class_names, images, output_dir, device="cpu", batch_size=8, print_freq=20):
-    """Detect on [(path, picture name)], write the pictures under output_dir, return the detections.json records."""
-    records, start, next_report = [], time.time(), print_freq
+def predict(model, class_names, images, output_dir, records, device="cpu", batch_size=8, print_freq=20):
+    """Detect on [(path, picture name)] and write the pictures under output_dir, appending each image's
+    detections.json record to records first: an interrupted run can still list every picture it began to write."""
+    start, next_report = time.time(), print_freq
     for batch, consumed in read_batches(images, batch_size):
         outputs = detect(model, [image for _, _, image in batch], device)
         for (path, picture_name, image), output in zip(batch, outputs):
             detections = detection_records(output, class_names)
-            save_picture(draw_detections(image, detections), os.path.join(output_dir, picture_name))
             records.append({"file": path, "picture": picture_name, "width": image.shape[2], "height": image.shape[1],
                             "detections": detections})
+            save_picture(draw_detections(image, detections), os.path.join(output_dir, picture_name))
         if consumed >= next_report:
             print(f"{consumed}/{len(images)} images, {len(records) / (time.time() - start):.1f} images/s", flush=True)
             next_report = (consumed // print_freq + 1) * print_freq
-    return records
 
 
 def get_args_parser():
@@ -240,10 +277,7 @@ def validate_args(args):
     check_score_thresh(args.score_thresh)
     if args.batch_size < 1 or args.print_freq < 1:
         raise UsageError("--batch-size and --print-freq must be at least 1")
-    try:
-        torch.empty(0, device=args.device)
-    except (RuntimeError, AssertionError) as error:
-        raise UsageError(f"--device {args.device}: {str(error).splitlines()[0]}") from None
+    utils.check_device(args.device)
 
 
 def main(args):
@@ -252,18 +286,24 @@ def main(args):
     if not images:
         extensions = " ".join(sorted(IMAGE_EXTENSIONS))
         raise UsageError(f"no image found in {' '.join(args.inputs)} (extensions: {extensions})")
+    check_output_dir_holds_no_input(args.output_dir, args.inputs)
+    check_no_foreign_file_replaced(args.output_dir, [picture_name for _, picture_name in images])
+    utils.prepare_output_dir(args.output_dir)
     model, model_name, class_names = load_detector(args.model, args.weights, args.device)
     if models.prefers_channels_last(model_name, args.device, training=False):
         model.to(memory_format=torch.channels_last)
     model.score_thresh = args.score_thresh
-    os.makedirs(args.output_dir, exist_ok=True)
 
-    records = predict(model, class_names, images, args.output_dir, args.device, args.batch_size, args.print_freq)
+    records = []
+    try:
+        predict(model, class_names, images, args.output_dir, records, args.device, args.batch_size, args.print_freq)
+    finally:  # also when interrupted, so that a rerun into this folder may replace these pictures
+        if records:
+            summary = {"model": model_name, "weights": args.weights, "score_thresh": args.score_thresh,
+                       "images": records}
+            utils.write_text_atomic(os.path.join(args.output_dir, SUMMARY_NAME), json.dumps(summary, indent=1))
     if not records:
         raise UsageError(f"none of the {len(images)} input images could be read")
-    summary = {"model": model_name, "weights": args.weights, "score_thresh": args.score_thresh, "images": records}
-    with open(os.path.join(args.output_dir, "detections.json"), "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=1)
     total = sum(len(record["detections"]) for record in records)
     print(f"{total} detections in {len(records)} images; pictures and detections.json in {args.output_dir}")
 
@@ -271,5 +311,8 @@ def main(args):
 if __name__ == "__main__":
     try:
         main(get_args_parser().parse_args())
-    except (UsageError, models.WeightsError) as error:
+    except (UsageError, models.WeightsError, utils.UserInputError) as error:
         sys.exit(f"predict.py: {error}")
+    except KeyboardInterrupt:
+        print("predict.py: interrupted; detections.json lists the pictures written so far", file=sys.stderr)
+        sys.exit(130)

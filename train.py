@@ -17,9 +17,21 @@ import datetime
 import errno
 import math
 import os
+import re
 import secrets
+import signal
 import sys
 import time
+
+
+def _stop_while_importing(signum, frame):
+    print(f"train.py: stopped by {signal.Signals(signum).name} while starting", file=sys.stderr)
+    sys.exit(128 + signum)
+
+
+if __name__ == "__main__":
+    # Ctrl-C during the seconds the imports below take ends in one line too; main() installs the real handlers.
+    signal.signal(signal.SIGINT, _stop_while_importing)
 
 import torch
 import torch.utils.data
@@ -35,6 +47,12 @@ from plot_curves import plot_curves
 
 CHECKPOINT_NAME = "checkpoint.pth"
 LOG_NAME = "log.jsonl"
+# The files a run writes into --output-dir: a folder holding any of them belongs to a run.
+RUN_FILE_PATTERN = re.compile(r"checkpoint\.pth|log\.jsonl|curves\.png|model_(\d+|best)\.pth|detections\.json|"
+                              r"metrics\.json")
+# Training images per process below which a model cannot train: SSDlite's last extra block applies BatchNorm to
+# 1x1 feature maps, and BatchNorm needs more than one value per channel in training mode.
+MIN_TRAIN_BATCH_SIZE = {"ssdlite320_mobilenet_v3_large": 2}
 DEFAULT_DATA_PATHS = {"coco": "data/coco", "shapes": "data/shapes", "voc": "data/VOCdevkit"}
 
 
@@ -83,6 +101,9 @@ def get_args_parser(add_help=True):
     data.add_argument("--data-augmentation", default="hflip", choices=["hflip", "ssd", "ssdlite"])
     data.add_argument("--backend", default="pil", type=str.lower, choices=["pil", "tensor", "tv_tensor"])
     data.add_argument("--use-v2", action="store_true", help="use torchvision.transforms.v2 and tv_tensors")
+    data.add_argument("--allow-image-paths-outside-folder", action="store_true",
+                      help="accept annotation file_names that are absolute or contain '..' (refused by default: "
+                           "they read files outside the image folder)")
 
     model = parser.add_argument_group("model")
     model.add_argument("--model", default="ssd300_vgg16", choices=models.list_models())
@@ -149,6 +170,19 @@ def validate_args(args):
         raise ConfigError(f"--lr must be a positive number, got {args.lr}")
     if args.warmup_iters < 0:
         raise ConfigError(f"--warmup-iters must be >= 0, got {args.warmup_iters}")
+    non_negative = {"--momentum": args.momentum, "--weight-decay": args.weight_decay,
+                    "--norm-weight-decay": args.norm_weight_decay, "--start-epoch": args.start_epoch}
+    for flag, value in non_negative.items():
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"{flag} must be a number >= 0, got {value}")
+    if not (math.isfinite(args.lr_gamma) and args.lr_gamma > 0):
+        raise ConfigError(f"--lr-gamma must be a positive number, got {args.lr_gamma}")
+    if not args.resume and not args.test_only and args.start_epoch >= args.epochs:
+        raise ConfigError(f"--start-epoch {args.start_epoch} must be below --epochs {args.epochs}")
+    min_batch_size = MIN_TRAIN_BATCH_SIZE.get(args.model, 1)
+    if not args.test_only and args.batch_size < min_batch_size:
+        raise ConfigError(f"--model {args.model} cannot train with --batch-size {args.batch_size}: its BatchNorm "
+                          f"over 1x1 feature maps needs at least {min_batch_size} images per process")
     if args.lr_scheduler == "multisteplr" and args.lr_steps != sorted(args.lr_steps):
         raise ConfigError(f"--lr-steps must be increasing, got {args.lr_steps}")
     if args.backend == "tv_tensor" and not args.use_v2:
@@ -163,6 +197,7 @@ def validate_args(args):
     validate_voc_args(args)
     if args.data_path is None:
         args.data_path = DEFAULT_DATA_PATHS[args.dataset]
+    utils.check_device(args.device)
 
 
 def voc_splits(args, is_train):
@@ -246,6 +281,7 @@ def get_datasets(args):
         return coco_utils.get_coco(
             args.data_path, split, get_transform(is_train, args), use_v2=args.use_v2, img_folder=img_folder,
             ann_file=ann_file, categories=categories, keep_empty_images=args.keep_empty_images, coco=cocos[split],
+            allow_paths_outside=args.allow_image_paths_outside_folder,
         )
 
     return None if args.test_only else make_dataset("train", True), make_dataset("val", False)
@@ -298,6 +334,7 @@ def build_train_loader(dataset, args):
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=batch_sampler, num_workers=args.workers, collate_fn=utils.collate_fn,
         pin_memory=args.device.startswith("cuda"), generator=torch.Generator(),
+        worker_init_fn=utils.ignore_stop_signals,
     )
     return loader, sampler
 
@@ -311,6 +348,7 @@ def build_eval_loader(dataset, args):
     return torch.utils.data.DataLoader(
         dataset, batch_size=args.eval_batch_size, sampler=sampler, num_workers=args.workers,
         collate_fn=utils.collate_fn, pin_memory=args.device.startswith("cuda"),
+        worker_init_fn=utils.ignore_stop_signals,
         # Its own generator, so evaluating never consumes the global RNG that exact resume depends on.
         generator=torch.Generator().manual_seed(0),
     )
@@ -365,13 +403,34 @@ def checkpoint_args(args):
 
 def load_resume_checkpoint(args):
     checkpoint = models.load_checkpoint_file(args.resume)
-    if not isinstance(checkpoint, dict) or "model" not in checkpoint or "epoch" not in checkpoint:
+    if "model" not in checkpoint or "epoch" not in checkpoint:
         raise ConfigError(f"--resume {args.resume}: not a training checkpoint (no 'model'/'epoch'); "
                           "use --weights for model-only files")
-    saved_model = checkpoint.get("args", {}).get("model")
+    if args.test_only:
+        return checkpoint
+    if "optimizer" not in checkpoint or "lr_scheduler" not in checkpoint:
+        raise ConfigError(f"--resume {args.resume} holds the weights only (like model_N.pth), not the optimizer and "
+                          f"schedule: resume from the run's {CHECKPOINT_NAME}, or start a new run with --weights")
+    check_resume_flags(args, checkpoint.get("args") or {})
+    return checkpoint
+
+
+def check_resume_flags(args, saved):
+    """Refuse to resume with flags that would give the checkpoint's optimizer or schedule state another meaning."""
+    saved_model = saved.get("model")
     if saved_model is not None and saved_model != args.model:
         raise ConfigError(f"--resume {args.resume} was made with --model {saved_model}, not --model {args.model}")
-    return checkpoint
+    for flag, name in (("--opt", "opt"), ("--lr-scheduler", "lr_scheduler")):
+        if name in saved and saved[name] != getattr(args, name):
+            raise ConfigError(f"--resume {args.resume} was trained with {flag} {saved[name]}, not {flag} "
+                              f"{getattr(args, name)}: resume with {flag} {saved[name]}, or start a new run with "
+                              "--weights")
+    saved_norm_decay = saved.get("norm_weight_decay")
+    if "norm_weight_decay" in saved and (saved_norm_decay is None) != (args.norm_weight_decay is None):
+        saved_flag = "without --norm-weight-decay" if saved_norm_decay is None else \
+            f"with --norm-weight-decay {saved_norm_decay}"
+        raise ConfigError(f"--resume {args.resume} was trained {saved_flag}, which groups the optimizer's "
+                          f"parameters differently: resume {saved_flag}")
 
 
 def check_resume_categories(args, checkpoint, categories):
@@ -406,11 +465,39 @@ def build_model(args, num_classes, class_names, device, resume_checkpoint):
 
 
 def check_output_dir(args):
-    """Refuse to silently overwrite a previous run's checkpoint."""
+    """Refuse a folder holding another run's files: training writes there only to continue the run it holds
+    (--resume of a checkpoint in that folder). --test-only writes its own result files next to a checkpoint."""
+    run_files = sorted(name for name in os.listdir(args.output_dir) if RUN_FILE_PATTERN.fullmatch(name))
+    resuming_this_run = bool(args.resume) and is_same_folder(os.path.dirname(os.path.abspath(args.resume)),
+                                                             args.output_dir)
+    if args.test_only or not run_files or resuming_this_run:
+        return
     existing = os.path.join(args.output_dir, CHECKPOINT_NAME)
-    if args.output_dir and not args.resume and not args.test_only and os.path.exists(existing):
+    if not args.resume and CHECKPOINT_NAME in run_files:
         raise ConfigError(f"{existing} already exists: continue that run with --resume {existing}, "
                           "or choose another --output-dir")
+    shown = ", ".join(run_files[:4]) + (", ..." if len(run_files) > 4 else "")
+    resuming = f" (--resume {args.resume} is another run's checkpoint)" if args.resume else ""
+    raise ConfigError(f"--output-dir {args.output_dir} holds another run's files ({shown}){resuming}: "
+                      "choose an empty or new --output-dir")
+
+
+def is_same_folder(a, b):
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def take_output_dir(args):
+    """Create --output-dir, lock it for this process's life and check it may be written; rank 0 only (the only
+    writer). Returns the lock, which must stay referenced until the end."""
+    utils.prepare_output_dir(args.output_dir)
+    check_output_dir(args)  # first without the lock: a refused folder is left exactly as it was
+    lock = utils.lock_output_dir(args.output_dir)
+    check_output_dir(args)  # again under the lock, which another run may have just released
+    stale = utils.remove_stale_temp_files(args.output_dir)
+    if stale:
+        print(f"removed {len(stale)} temporary file(s) an interrupted write left in {args.output_dir}: "
+              f"{', '.join(stale)}")
+    return lock
 
 
 def save_epoch(args, epoch, model, optimizer, lr_scheduler, scaler, categories, rng_states):
@@ -430,7 +517,11 @@ def save_epoch(args, epoch, model, optimizer, lr_scheduler, scaler, categories, 
 
 
 def restore_training_state(args, checkpoint, optimizer, lr_scheduler, scaler):
-    optimizer.load_state_dict(checkpoint["optimizer"])
+    try:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    except ValueError as error:  # e.g. another number of parameter groups than this run's flags give
+        raise ConfigError(f"--resume {args.resume}: its optimizer state does not fit this run's optimizer "
+                          f"({one_line(error)})") from None
     lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
     if scaler is not None and "scaler" in checkpoint:
         scaler.load_state_dict(checkpoint["scaler"])
@@ -447,15 +538,14 @@ def restore_training_state(args, checkpoint, optimizer, lr_scheduler, scaler):
 
 
 def main(args):
+    utils.install_stop_handlers()
     validate_args(args)
     utils.init_distributed_mode(args)
-    if args.output_dir and utils.is_main_process():
-        check_output_dir(args)
-        utils.mkdir(args.output_dir)
+    resume_checkpoint = load_resume_checkpoint(args) if args.resume else None
+    output_lock = take_output_dir(args) if args.output_dir and utils.is_main_process() else None
     device = torch.device(args.device)
     if args.channels_last is None:
         args.channels_last = models.prefers_channels_last(args.model, device, training=not args.test_only)
-    resume_checkpoint = load_resume_checkpoint(args) if args.resume else None
     args.seed = choose_seed(args, resume_checkpoint)
     print(args)
     utils.seed_everything(args.seed + utils.get_rank())
@@ -493,8 +583,6 @@ def main(args):
     if resume_checkpoint is not None:
         restore_training_state(args, resume_checkpoint, optimizer, lr_scheduler, scaler)
         del resume_checkpoint
-    if args.start_epoch >= args.epochs:
-        raise ConfigError(f"--start-epoch {args.start_epoch} must be below --epochs {args.epochs}")
 
     print("Start training")
     start_time = time.time()
@@ -502,11 +590,12 @@ def main(args):
         epoch_start = time.time()
         train_sampler.set_epoch(epoch)
         seed_loader_for_epoch(data_loader, args, epoch)
-        train_stats = engine.train_one_epoch(
-            model, optimizer, data_loader, device, epoch, args.print_freq,
-            scaler=scaler, amp_dtype=amp_dtype, warmup_iters=args.warmup_iters,
-        )
-        lr_scheduler.step()
+        with utils.deferred_stop(f"after epoch {epoch}'s training"):  # signals act between steps
+            train_stats = engine.train_one_epoch(
+                model, optimizer, data_loader, device, epoch, args.print_freq,
+                scaler=scaler, amp_dtype=amp_dtype, warmup_iters=args.warmup_iters,
+            )
+            lr_scheduler.step()
         metrics = {}
         if (epoch + 1) % args.eval_freq == 0 or epoch + 1 == args.epochs:
             metrics = engine.evaluate(model, data_loader_test, device, coco_backend=args.coco_backend,
@@ -514,14 +603,33 @@ def main(args):
         # Captured after evaluation so a resumed run starts the next epoch from exactly this state.
         rng_states = utils.all_gather(utils.get_rng_state())
         if args.output_dir and utils.is_main_process():
-            save_epoch(args, epoch, model_without_ddp, optimizer, lr_scheduler, scaler, categories, rng_states)
-            record = {"epoch": epoch, "lr": train_stats["lr"], "time_s": round(time.time() - epoch_start, 3),
-                      "train": {k: v for k, v in train_stats.items() if k != "lr"}, **metrics}
-            utils.append_jsonl(os.path.join(args.output_dir, LOG_NAME), record)
-            plot_curves(os.path.join(args.output_dir, LOG_NAME), os.path.join(args.output_dir, "curves.png"))
+            with utils.deferred_stop(f"after saving epoch {epoch}"):  # a signal lets the save and log finish
+                save_epoch(args, epoch, model_without_ddp, optimizer, lr_scheduler, scaler, categories, rng_states)
+                record = {"epoch": epoch, "lr": train_stats["lr"], "time_s": round(time.time() - epoch_start, 3),
+                          "train": {k: v for k, v in train_stats.items() if k != "lr"}, **metrics}
+                utils.append_jsonl(os.path.join(args.output_dir, LOG_NAME), record)
+                draw_curves(args.output_dir)
 
     total_time = str(datetime.timedelta(seconds=int(time.time() - start_time)))
     print(f"Training time {total_time}")
+    del output_lock  # held until here: the whole run
+
+
+def draw_curves(output_dir):
+    """Redraw curves.png; a picture is a convenience, so a log it cannot draw (an old or odd log.jsonl) warns in
+    one line and training goes on."""
+    log_path = os.path.join(output_dir, LOG_NAME)
+    try:
+        plot_curves(log_path, os.path.join(output_dir, "curves.png"))
+    except Exception as error:  # noqa: BLE001 - whatever the drawing fails on, the run must continue
+        print(f"warning: curves.png not drawn from {log_path}: {one_line(error)}", file=sys.stderr)
+
+
+def report_stop(stop, args):
+    """The one line a stopped run ends with, saying how to continue it."""
+    checkpoint = os.path.join(args.output_dir, CHECKPOINT_NAME) if args.output_dir else ""
+    hint = f"; continue with --resume {checkpoint}" if checkpoint and os.path.isfile(checkpoint) else ""
+    print(f"train.py: {stop}{hint}", file=sys.stderr)
 
 
 def one_line(error):
@@ -534,11 +642,15 @@ def one_line(error):
 
 
 USER_ERRORS = (ConfigError, coco_utils.DatasetError, models.WeightsError, engine.NonFiniteLossError,
-               utils.DistributedSetupError)
+               utils.DistributedSetupError, utils.UserInputError)
 
 if __name__ == "__main__":
+    args = get_args_parser().parse_args()
     try:
-        main(get_args_parser().parse_args())
+        main(args)
+    except utils.StopRequested as stop:
+        report_stop(stop, args)
+        sys.exit(stop.exit_code)
     except USER_ERRORS as error:
         sys.exit(f"error: {one_line(error)}")
     except OSError as error:

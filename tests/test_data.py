@@ -127,7 +127,7 @@ def test_every_image_mode_decodes_to_rgb(coco_root):
     dataset = coco_utils.get_coco(coco_root, "val", transforms=None)
     pixel = {image_id: dataset[dataset.ids.index(image_id)][0].getpixel((0, 0)) for image_id in IMAGES}
     assert pixel[2] == (77, 77, 77)  # grayscale
-    assert pixel[3] == (10, 20, 30)  # RGBA: alpha dropped
+    assert pixel[3] == (255, 255, 255)  # RGBA, fully transparent: composited onto white (coco_utils.ALPHA_BACKGROUND)
     assert pixel[4] == Image.new("CMYK", (1, 1), (0, 255, 255, 0)).convert("RGB").getpixel((0, 0))
     assert pixel[5] == (0, 128, 255)  # palette
     assert pixel[6] == (128, 128, 128)  # 16-bit 32896 scaled down, not clipped to 255

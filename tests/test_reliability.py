@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from conftest import LITE, REPO, assert_ok, read_log, run_script, torchrun, train_args
+from utils import LOCK_NAME
 
 
 def digest(path):
@@ -21,7 +22,8 @@ def digest(path):
 
 
 def snapshot(directory):
-    return {p.name: digest(p) for p in sorted(Path(directory).iterdir()) if p.is_file()}
+    """sha256 of the files in directory, but for the lock file that train.py takes in its --output-dir."""
+    return {p.name: digest(p) for p in sorted(Path(directory).iterdir()) if p.is_file() and p.name != LOCK_NAME}
 
 
 def final_parameters(output_dir):
@@ -105,10 +107,10 @@ def test_non_finite_loss_stops_before_the_step_and_keeps_the_checkpoint(trained_
     poisoned = torch.load(output_dir / "checkpoint.pth", map_location="cpu", weights_only=True)
     bias = next(k for k in poisoned["model"] if k.startswith("head.classification_head") and k.endswith(".1.bias"))
     poisoned["model"][bias].fill_(float("nan"))
-    torch.save(poisoned, tmp_path / "poisoned.pth")
+    torch.save(poisoned, run_dir / "poisoned.pth")  # in the run's folder: another run's folder is refused
     before = snapshot(run_dir)
 
-    result = run_script("train.py", *train_args(shapes_root, run_dir, "--resume", tmp_path / "poisoned.pth", epochs=3))
+    result = run_script("train.py", *train_args(shapes_root, run_dir, "--resume", run_dir / "poisoned.pth", epochs=3))
     assert_user_error(result, "epoch 2", "iteration 0", "classification", "image ids")
     assert snapshot(run_dir) == before
     resumed = run_script("train.py", *train_args(shapes_root, run_dir, "--resume", run_dir / "checkpoint.pth",
@@ -131,17 +133,20 @@ def small_jpeg(path, size=(64, 48)):
 
 
 def coco_folder(root):
-    """A valid two-split COCO folder with one image and box per split."""
+    """A valid two-split COCO folder with two images, one box each, per split (SSDlite trains on 2 at least)."""
     for split in ("train", "val"):
-        small_jpeg(root / f"{split}2017" / "a.jpg")
-        write_coco(root, [{"id": 1, "file_name": "a.jpg", "width": 64, "height": 48}],
-                   [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [5, 5, 20, 20], "area": 400, "iscrowd": 0}],
-                   image_set=split)
+        images, annotations = [], []
+        for image_id, name in ((1, "a.jpg"), (2, "b.jpg")):
+            small_jpeg(root / f"{split}2017" / name)
+            images.append({"id": image_id, "file_name": name, "width": 64, "height": 48})
+            annotations.append({"id": image_id, "image_id": image_id, "category_id": 1, "bbox": [5, 5, 20, 20],
+                                "area": 400, "iscrowd": 0})
+        write_coco(root, images, annotations, image_set=split)
     return root
 
 
 def coco_run(root, output_dir, *extra):
-    return ["--dataset", "coco", "--data-path", root, "--model", LITE, "--epochs", 1, "-b", 1, "-j", 0,
+    return ["--dataset", "coco", "--data-path", root, "--model", LITE, "--epochs", 1, "-b", 2, "-j", 0,
             "--output-dir", output_dir, *extra]
 
 
@@ -174,7 +179,7 @@ def test_bad_data_is_reported_in_one_line(case, tmp_path):
         break_it(root)
     output_dir = tmp_path / "out"
     output_dir.mkdir()
-    (output_dir / "log.jsonl").write_text('{"epoch": 0}\n')
+    (output_dir / "notes.txt").write_text("the user's\n")
     before = snapshot(output_dir)
     result = run_script("train.py", *coco_run(root, output_dir), timeout=120)
     assert_user_error(result, *fragments)

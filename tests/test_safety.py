@@ -1,0 +1,492 @@
+"""Issue 16's promises, through the real command line: no user file is ever overwritten (output folder lock, another
+run's folder, predict / export outputs), SIGINT and SIGTERM stop cleanly, bad input stops at start-up in one line,
+one image decoder everywhere, annotation paths stay in the image folder, files follow the umask."""
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import coco_utils
+import models
+import presets
+import shapes
+import train
+import utils
+from conftest import LITE, REPO, assert_ok, read_log, run_script
+from export import match_detections
+
+# 8 training images at batch 2: four steps per epoch; --eval-freq 2 skips evaluation after epoch 0.
+TINY = {"num_train": 8, "num_val": 2}
+
+
+def tiny_run_args(data_path, output_dir, *extra, epochs=2):
+    return ["--dataset", "shapes", "--data-path", data_path, "--shapes-num-train", TINY["num_train"],
+            "--shapes-num-val", TINY["num_val"], "--model", LITE, "--epochs", epochs, "-b", 2, "--lr", 0.01,
+            "--lr-scheduler", "cosineannealinglr", "--warmup-iters", 1, "-j", 0, "--print-freq", 1, "--seed", 0,
+            "--eval-freq", 2, "--eval-batch-size", 2, "--output-dir", output_dir, *extra]
+
+
+def snapshot(directory):
+    """sha256 of every file under directory, by relative path."""
+    root = Path(directory)
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def stderr_lines(result_stderr):
+    return [line for line in result_stderr.splitlines() if line.strip()]
+
+
+def assert_one_line(returncode, stderr, expected_code, *fragments):
+    """The exit code, exactly one stderr line, no traceback, and the line names what it must."""
+    assert returncode == expected_code, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    lines = stderr_lines(stderr)
+    assert len(lines) == 1, stderr[-3000:]
+    for fragment in fragments:
+        assert str(fragment) in lines[0], lines[0]
+
+
+def start_train(*args, launcher=None):
+    command = [sys.executable, *(launcher or [str(REPO / "train.py")]), *map(str, args)]
+    return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def wait_for_line(process, pattern, timeout=240):
+    """Read process's stdout until a line matches pattern; returns the lines read."""
+    deadline, seen = time.monotonic() + timeout, []
+    for line in process.stdout:
+        seen.append(line)
+        if re.search(pattern, line):
+            return seen
+        assert time.monotonic() < deadline, "".join(seen[-30:])
+    raise AssertionError(f"{pattern!r} never printed; exit {process.wait()}: {process.stderr.read()[-3000:]}")
+
+
+def finish(process, timeout=120):
+    stdout, stderr = process.communicate(timeout=timeout)
+    return process.returncode, stdout, stderr
+
+
+def temp_files(directory):
+    return [p.name for p in Path(directory).iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data") / "tiny"
+    shapes.ensure_shapes_dataset(root, **TINY)
+    return root
+
+
+# A launcher that runs train.py unchanged in a real process, with torch.save (not our code) made slow once and
+# announcing itself, so that the test can send a real signal while the first checkpoint file is being written.
+SLOW_SAVE_LAUNCHER = """
+import runpy, sys, time
+sys.path.insert(0, {repo!r})
+import torch
+real_save, calls = torch.save, []
+def slow_save(obj, f, *args, **kwargs):
+    real_save(obj, f, *args, **kwargs)
+    if not calls:
+        calls.append(1)
+        print("SAVE-IN-PROGRESS", flush=True)
+        time.sleep(3)
+torch.save = slow_save
+sys.argv = [{train!r}] + sys.argv[1:]
+runpy.run_path({train!r}, run_name="__main__")
+"""
+
+
+@pytest.fixture(scope="module")
+def stopped_during_save(tiny_root, tmp_path_factory):
+    """A run sent SIGTERM while it wrote epoch 0's model_0.pth: (output_dir, exit code, stderr, the temporary
+    files present when the signal was sent)."""
+    launcher = tmp_path_factory.mktemp("launcher") / "slow_save.py"
+    launcher.write_text(SLOW_SAVE_LAUNCHER.format(repo=str(REPO), train=str(REPO / "train.py")))
+    output_dir = tmp_path_factory.mktemp("run") / "out"
+    process = start_train(*tiny_run_args(tiny_root, output_dir), launcher=[str(launcher)])
+    wait_for_line(process, "SAVE-IN-PROGRESS")
+    in_progress = temp_files(output_dir)
+    process.send_signal(signal.SIGTERM)
+    returncode, _, stderr = finish(process)
+    return output_dir, returncode, stderr, in_progress
+
+
+def test_sigterm_during_a_save_finishes_it_and_stops(stopped_during_save):
+    output_dir, returncode, stderr, in_progress = stopped_during_save
+    assert len(in_progress) == 1 and in_progress[0].startswith(".model_0.pth.")  # the signal came mid-save
+    checkpoint = output_dir / "checkpoint.pth"
+    assert_one_line(returncode, stderr, 143, "SIGTERM", "after saving epoch 0", f"--resume {checkpoint}")
+    assert temp_files(output_dir) == []
+    assert models.load_checkpoint_file(output_dir / "model_0.pth")["epoch"] == 0
+    assert models.load_checkpoint_file(checkpoint)["epoch"] == 0
+    assert [record["epoch"] for record in read_log(output_dir)] == [0]
+
+
+def test_rerun_after_preemption_resumes_cleans_stale_temp_files_and_stops_on_sigterm(stopped_during_save, tiny_root,
+                                                                                      tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(stopped_during_save[0], run_dir)
+    # What a SIGKILL mid-write leaves (utils.replacing's names), next to files that only look alike.
+    (run_dir / ".checkpoint.pth.k3x_9a2b.tmp").write_bytes(b"half a checkpoint")
+    look_alikes = (".notes.tmp", "notes.k3x_9a2b.tmp", ".model_0.pth.K3X9A2BC.tmp", "my.txt")
+    for name in look_alikes:
+        (run_dir / name).write_text("the user's")
+    users = {name: digest for name, digest in snapshot(run_dir).items() if name in look_alikes}
+    process = start_train(*tiny_run_args(tiny_root, run_dir, "--resume", run_dir / "checkpoint.pth"))
+    seen = wait_for_line(process, r"Epoch: \[1\]\s+\[0/")
+    assert "removed 1 temporary file(s)" in "".join(seen)
+    assert not (run_dir / ".checkpoint.pth.k3x_9a2b.tmp").exists()
+    process.send_signal(signal.SIGTERM)
+    returncode, _, stderr = finish(process)
+    assert_one_line(returncode, stderr, 143, "SIGTERM", "at epoch 1, iteration", "--resume")
+    assert {name: digest for name, digest in snapshot(run_dir).items() if name in users} == users
+    assert models.load_checkpoint_file(run_dir / "checkpoint.pth")["epoch"] == 0
+
+
+def test_two_runs_into_one_folder_one_runs_the_other_stops_at_once(tiny_root, tmp_path):
+    output_dir = tmp_path / "out"
+    output_dir.mkdir()
+    (output_dir / "notes.txt").write_text("mine")
+    before = snapshot(output_dir)
+    first, second = (start_train(*tiny_run_args(tiny_root, output_dir)) for _ in range(2))
+    try:
+        deadline = time.monotonic() + 120
+        while first.poll() is None and second.poll() is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        loser, winner = (first, second) if first.poll() is not None else (second, first)
+        returncode, _, stderr = finish(loser)
+        assert winner.poll() is None  # the loser stopped while the winner was still running
+        assert_one_line(returncode, stderr, 1, str(output_dir), "in use by another run", f"pid {winner.pid} ")
+        wait_for_line(winner, r"Epoch: \[0\]\s+\[0/")
+        winner.send_signal(signal.SIGINT)
+        returncode, _, stderr = finish(winner)
+        assert_one_line(returncode, stderr, 130, "SIGINT", "at epoch 0, iteration")
+    finally:
+        for process in (first, second):
+            if process.poll() is None:
+                process.kill()
+    after = snapshot(output_dir)
+    assert after["notes.txt"] == before["notes.txt"]
+    assert temp_files(output_dir) == [] and not (output_dir / "checkpoint.pth").exists()
+
+
+def test_ctrl_c_while_train_py_starts_is_one_line(tmp_path):
+    process = start_train("--output-dir", tmp_path / "out")
+    time.sleep(1.0)  # inside the imports of torch and friends, or just after them
+    process.send_signal(signal.SIGINT)
+    returncode, _, stderr = finish(process)
+    assert_one_line(returncode, stderr, 130, "stopped by SIGINT")
+
+
+# ------------------------------------------------------------------------------------ refused at start-up
+
+
+def coco_folder(root, file_name="a.png", bbox=(5, 5, 20, 20), annotations_text=None):
+    """A COCO folder with one 64x48 image per split; file_name, bbox or the whole val file text can be bad."""
+    for split in ("train", "val"):
+        (root / f"{split}2017").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (64, 48), (120, 30, 200)).save(root / f"{split}2017" / "a.png")
+        payload = {"images": [{"id": 1, "file_name": file_name, "width": 64, "height": 48}],
+                   "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": list(bbox)}],
+                   "categories": [{"id": 1, "name": "thing"}]}
+        (root / "annotations").mkdir(exist_ok=True)
+        text = annotations_text if annotations_text is not None and split == "val" else json.dumps(payload)
+        (root / "annotations" / f"instances_{split}2017.json").write_text(text)
+    return root
+
+
+def other_run(folder):
+    """A folder holding a finished run's files (no checkpoint.pth)."""
+    folder.mkdir()
+    (folder / "model_3.pth").write_bytes(b"weights of another run")
+    (folder / "log.jsonl").write_text('{"epoch": 3}\n')
+    return folder
+
+
+def train_case(*extra, output="out"):
+    return lambda tmp, run: ("train.py", ["--dataset", "coco", "--data-path", tmp / "coco", "--model", LITE,
+                                          "-b", 2, "-j", 0, "--epochs", 1, "--output-dir", tmp / output, *extra])
+
+
+def with_data(case, **coco):
+    def build(tmp, run):
+        coco_folder(tmp / "coco", **coco)
+        return case(tmp, run)
+    return build
+
+
+def predict_into_shots(listed_by_an_earlier_run):
+    """predict.py photos/ into shots/, which already holds an a.png, listed or not in an earlier detections.json."""
+    def build(tmp, run):
+        (tmp / "shots").mkdir()
+        (tmp / "shots" / "a.png").write_text("the user's a.png")
+        if listed_by_an_earlier_run:
+            (tmp / "shots" / "detections.json").write_text(json.dumps({"images": [{"picture": "a.png"}]}))
+        return "predict.py", ["--weights", run / "model_0.pth", "--output-dir", tmp / "shots", tmp / "photos"]
+    return build
+
+
+STARTUP_CASES = {
+    # train.py: output folders
+    "output_dir_is_a_file": (train_case(output="user.txt"), ["user.txt", "is a file"]),
+    "output_dir_parent_is_a_file": (train_case(output="user.txt/out"), ["user.txt", "is a file"]),
+    "folder_of_another_run": (train_case(output="other"), ["other", "model_3.pth", "log.jsonl"]),
+    "resume_into_another_runs_folder": (lambda tmp, run: train_case(
+        "--resume", run / "checkpoint.pth", "--lr-scheduler", "cosineannealinglr", output="other")(tmp, run),
+                                        ["other", "another run's checkpoint"]),
+    # flags and devices
+    "negative_momentum": (train_case("--momentum", -0.9), ["--momentum", "-0.9"]),
+    "negative_start_epoch": (train_case("--start-epoch", -2), ["--start-epoch", "-2"]),
+    "cuda_device_not_there": (train_case("--device", "cuda:99"), ["--device cuda:99"]),
+    "malformed_device": (train_case("--device", "gpu0"), ["--device gpu0", "not a device"]),
+    "ssdlite_batch_of_one": (train_case("-b", 1), ["--batch-size 1", "BatchNorm", "at least 2"]),
+    # resume mismatches
+    "resume_model_only_file": (lambda tmp, run: train_case("--resume", run / "model_0.pth")(tmp, run),
+                               ["model_0.pth", "weights only"]),
+    "resume_with_another_optimizer": (lambda tmp, run: train_case("--resume", run / "checkpoint.pth", "--opt",
+                                                                  "adamw")(tmp, run), ["--opt sgd", "--opt adamw"]),
+    "resume_with_another_scheduler": (lambda tmp, run: train_case("--resume", run / "checkpoint.pth")(tmp, run),
+                                      ["--lr-scheduler cosineannealinglr", "--lr-scheduler multisteplr"]),
+    "resume_with_another_grouping": (lambda tmp, run: train_case(
+        "--resume", run / "checkpoint.pth", "--lr-scheduler", "cosineannealinglr", "--norm-weight-decay", 0)(tmp, run),
+        ["without --norm-weight-decay"]),
+    # annotation files
+    "deeply_nested_json": (with_data(train_case(), annotations_text="[" * 100_000 + "]" * 100_000),
+                           ["instances_val2017.json", "nested too deeply"]),
+    "absolute_file_name": (with_data(train_case(), file_name="/etc/hostname"),
+                           ["instances_val2017.json", "image id 1", "/etc/hostname",
+                            "--allow-image-paths-outside-folder"]),
+    "dot_dot_file_name": (with_data(train_case(), file_name="../../secret.png"),
+                          ["instances_val2017.json", "image id 1", "../../secret.png"]),
+    "bbox_overflowing": (with_data(train_case(), bbox=(0, 0, 1e308, 1e308)),
+                         ["instances_val2017.json", "image id 1", "overflow"]),
+    # predict.py and export.py: outputs that are, or would replace, inputs
+    "predict_into_the_input_folder": (lambda tmp, run: ("predict.py", ["--weights", run / "model_0.pth",
+                                                                       "--output-dir", tmp / "photos",
+                                                                       tmp / "photos"]),
+                                      ["--output-dir", "is the input"]),
+    "predict_into_a_folder_holding_an_input": (lambda tmp, run: ("predict.py", [
+        "--weights", run / "model_0.pth", "--output-dir", tmp, tmp / "photos" / "a.png"]), ["holds the input"]),
+    "predict_over_a_file_it_did_not_write": (predict_into_shots(False), ["already holds a.png", "no earlier"]),
+    "predict_into_a_file": (lambda tmp, run: ("predict.py", ["--weights", run / "model_0.pth", "--output-dir",
+                                                             tmp / "user.txt", tmp / "photos"]), ["is a file"]),
+    "export_over_the_weights": (lambda tmp, run: ("export.py", ["--weights", tmp / "model.pth", "--output",
+                                                                tmp / "model.pth"]), ["--weights"]),
+    "export_over_a_check_image": (lambda tmp, run: ("export.py", ["--weights", run / "model_0.pth", "--output",
+                                                                  tmp / "photos" / "a.png", "--check",
+                                                                  tmp / "photos" / "a.png"]), ["--check"]),
+    "export_into_a_missing_folder": (lambda tmp, run: ("export.py", ["--weights", run / "model_0.pth", "--output",
+                                                                     tmp / "missing" / "m.onnx"]),
+                                     ["missing", "does not exist"]),
+}
+
+
+# Runs each case the way `python SCRIPT ARGS` runs it (the script executed as __main__, its SystemExit turned into
+# the exit code and the message the interpreter would print), all in one interpreter: a process per case would pay
+# for importing torch some twenty times. test_a_refusal_from_a_real_process covers the process boundary itself.
+CASE_RUNNER = """
+import contextlib, io, json, os, runpy, sys, traceback
+sys.path.insert(0, {repo!r})
+cases_path, results_path = sys.argv[1:3]
+results = {{}}
+for name, (script, argv) in json.load(open(cases_path)).items():
+    sys.argv = [script] + argv
+    stderr = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(stderr):
+        try:
+            runpy.run_path(os.path.join({repo!r}, script), run_name="__main__")
+            code = 0
+        except SystemExit as exit:
+            code = exit.code if isinstance(exit.code, int) else 1
+            if isinstance(exit.code, str):
+                print(exit.code, file=sys.stderr)
+        except BaseException:
+            code = "uncaught"
+            traceback.print_exc()
+    results[name] = [code, stderr.getvalue()]
+json.dump(results, open(results_path, "w"))
+"""
+
+
+def prepare_case(folder, run):
+    """A case's folder: user files that must survive, a photo, a copy of weights and another run's folder."""
+    folder.mkdir()
+    (folder / "user.txt").write_text("the user's notes")
+    (folder / "photos").mkdir()
+    Image.new("RGB", (40, 30), (10, 200, 30)).save(folder / "photos" / "a.png")
+    shutil.copy(run / "model_0.pth", folder / "model.pth")
+    other_run(folder / "other")
+
+
+@pytest.fixture(scope="module")
+def start_up_results(stopped_during_save, tiny_root, tmp_path_factory):
+    """{case: (exit code, stderr, sha256 of the case folder before, after, the run's folder before, after)} for
+    STARTUP_CASES, PREDICT_AGAIN and TEST_ONLY (evaluating a checkpoint with --output-dir its own run's folder)."""
+    run = stopped_during_save[0]
+    root = tmp_path_factory.mktemp("cases")
+    cases, before = {}, {}
+    for name, (build, _) in STARTUP_CASES.items():
+        prepare_case(root / name, run)
+        script, args = build(root / name, run)
+        cases[name] = [script, [str(arg) for arg in args]]
+        before[name] = snapshot(root / name)
+    prepare_case(root / PREDICT_AGAIN, run)
+    script, args = predict_into_shots(True)(root / PREDICT_AGAIN, run)
+    cases[PREDICT_AGAIN] = [script, [str(arg) for arg in args]]
+    before[PREDICT_AGAIN] = snapshot(root / PREDICT_AGAIN)
+    shutil.copytree(run, root / TEST_ONLY)
+    args = tiny_run_args(tiny_root, root / TEST_ONLY, "--test-only", "--resume", root / TEST_ONLY / "checkpoint.pth")
+    cases[TEST_ONLY] = ["train.py", [str(arg) for arg in args]]
+    before[TEST_ONLY] = snapshot(root / TEST_ONLY)
+    run_before = snapshot(run)
+    (root / "cases.json").write_text(json.dumps(cases))
+    (root / "runner.py").write_text(CASE_RUNNER.format(repo=str(REPO)))
+    subprocess.run([sys.executable, str(root / "runner.py"), str(root / "cases.json"), str(root / "results.json")],
+                   cwd=REPO, check=True, timeout=600)
+    results = json.loads((root / "results.json").read_text())
+    return {name: (*results[name], before[name], snapshot(root / name), run_before, snapshot(run)) for name in cases}
+
+
+TEST_ONLY = "test_only_next_to_a_checkpoint"
+PREDICT_AGAIN = "predict_again_over_its_own_pictures"
+
+
+def test_predict_may_replace_what_an_earlier_run_wrote(start_up_results):
+    code, stderr, before, after, _, _ = start_up_results[PREDICT_AGAIN]
+    assert code == 0, stderr[-3000:]
+    replaced = {"shots/a.png", "shots/detections.json"}
+    assert replaced <= set(before) and all(after[name] != before[name] for name in replaced)
+    assert {name: digest for name, digest in after.items() if name in before and name not in replaced} == \
+        {name: digest for name, digest in before.items() if name not in replaced}
+
+
+def test_test_only_may_write_next_to_a_checkpoint_and_leaves_it_alone(start_up_results):
+    code, stderr, before, after, _, _ = start_up_results[TEST_ONLY]
+    assert code == 0, stderr[-3000:]
+    assert "checkpoint.pth" in before
+    # Every file but the lock, which now names this evaluation as its last holder.
+    assert {name: digest for name, digest in after.items() if name in before and name != utils.LOCK_NAME} == \
+        {name: digest for name, digest in before.items() if name != utils.LOCK_NAME}
+
+
+@pytest.mark.parametrize("case", STARTUP_CASES)
+def test_bad_input_stops_at_start_up_in_one_line_and_touches_nothing(case, start_up_results):
+    code, stderr, before, after, run_before, run_after = start_up_results[case]
+    assert_one_line(code, stderr, 1, *STARTUP_CASES[case][1])
+    assert {name: digest for name, digest in after.items() if name in before} == before
+    assert set(after) - set(before) <= {"out/.train.lock"}  # at most a new folder and its lock
+    assert run_after == run_before
+
+
+def test_a_refusal_from_a_real_process(stopped_during_save, tmp_path):
+    run = stopped_during_save[0]
+    prepare_case(tmp_path / "case", run)
+    build, fragments = STARTUP_CASES["output_dir_is_a_file"]
+    before = snapshot(tmp_path / "case")
+    script, args = build(tmp_path / "case", run)
+    result = run_script(script, *args, timeout=120)
+    assert_one_line(result.returncode, result.stderr, 1, *fragments)
+    assert snapshot(tmp_path / "case") == before
+
+
+# ----------------------------------------------------------------------------------------- one decoder
+
+
+def write_odd_images(folder):
+    """A 16-bit grayscale PNG, a CMYK JPEG, a palette PNG with a transparent colour and a JPEG whose EXIF says
+    'rotate 90 degrees': {file name: (width, height) as stored}."""
+    folder.mkdir(parents=True, exist_ok=True)
+    gradient = np.linspace(0, 65535, 96 * 64).reshape(64, 96).astype(np.uint16)
+    Image.fromarray(gradient).save(folder / "sixteen.png")
+    cmyk = Image.new("CMYK", (80, 60), (0, 200, 255, 30))
+    cmyk.paste((200, 0, 50, 0), (10, 10, 50, 40))
+    cmyk.save(folder / "cmyk.jpg")
+    palette = Image.new("P", (70, 50), 0)
+    palette.putpalette([0, 0, 0, 250, 20, 20] + [0] * 762)
+    palette.paste(1, (20, 10, 50, 40))
+    palette.save(folder / "palette.png", transparency=0)
+    rotated = Image.new("RGB", (90, 40), (30, 160, 60))
+    rotated.paste((230, 230, 20), (5, 5, 40, 30))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: viewers turn it 90 degrees clockwise
+    rotated.save(folder / "exif.jpg", exif=exif)
+    return {"sixteen.png": (96, 64), "cmyk.jpg": (80, 60), "palette.png": (70, 50), "exif.jpg": (90, 40)}
+
+
+def test_predict_sees_the_pixels_the_loader_sees(stopped_during_save, tmp_path):
+    weights = stopped_during_save[0] / "model_0.pth"
+    sizes = write_odd_images(tmp_path / "coco" / "val2017")
+    names = sorted(sizes)
+    payload = {"images": [{"id": i + 1, "file_name": name, "width": sizes[name][0], "height": sizes[name][1]}
+                          for i, name in enumerate(names)], "annotations": [],
+               "categories": [{"id": 1, "name": "thing"}]}
+    (tmp_path / "coco" / "annotations").mkdir()
+    (tmp_path / "coco" / "annotations" / "instances_val2017.json").write_text(json.dumps(payload))
+    result = run_script("predict.py", "--weights", weights, "--score-thresh", 0.01, "-b", 1, "--output-dir",
+                        tmp_path / "predictions", tmp_path / "coco" / "val2017")
+    assert_ok(result)
+    predicted = {Path(r["file"]).name: r for r in json.loads((tmp_path / "predictions" / "detections.json")
+                                                            .read_text())["images"]}
+
+    dataset = coco_utils.get_coco(tmp_path / "coco", "val", presets.DetectionPresetEval())
+    model = models.get_model(LITE, weights=str(weights), score_thresh=0.01).eval()
+    if models.prefers_channels_last(LITE, "cpu", training=False):
+        model.to(memory_format=torch.channels_last)
+    gray = dataset[names.index("sixteen.png")][0]
+    assert gray[:, 0, -1].tolist() == [round(65535 * 95 / (96 * 64 - 1) / 257)] * 3  # rescaled, not clipped
+    assert dataset[names.index("palette.png")][0][:, 0, 0].tolist() == [255, 255, 255]  # transparent: white
+    assert dataset[names.index("palette.png")][0][:, 20, 30].tolist() == [250, 20, 20]
+    total = 0
+    for index, name in enumerate(names):
+        image, _ = dataset[index]
+        assert (image.shape[2], image.shape[1]) == sizes[name]  # as stored: EXIF orientation is not applied
+        record = predicted[name]
+        assert (record["width"], record["height"]) == sizes[name]
+        with torch.inference_mode():
+            expected = model([image])[0]
+        found = {"boxes": torch.tensor([d["box"] for d in record["detections"]]).reshape(-1, 4),
+                 "scores": torch.tensor([d["score"] for d in record["detections"]]),
+                 "labels": torch.tensor([d["label"] for d in record["detections"]], dtype=torch.int64)}
+        matched, _, _ = match_detections(expected, found)
+        assert matched == len(expected["boxes"]) == len(found["boxes"]), name
+        total += matched
+    assert total > 0
+
+
+# --------------------------------------------------------------------------------------- smaller promises
+
+
+@pytest.mark.parametrize("umask", [0o002, 0o027])
+def test_atomic_writes_follow_the_umask(tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        utils.save_atomic({"x": torch.zeros(1)}, tmp_path / "a.pth")
+        utils.write_text_atomic(tmp_path / "b.json", "{}")
+    finally:
+        os.umask(previous)
+    for name in ("a.pth", "b.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_an_odd_log_warns_in_one_line_and_does_not_stop_training(tmp_path, capsys):
+    (tmp_path / "log.jsonl").write_text('{"epoch": 0, "loss": 1.0}\n{"epoch": 1, "lr": 0.1, "train": {"loss": 2}}\n')
+    train.draw_curves(str(tmp_path))
+    captured = capsys.readouterr()
+    assert len(stderr_lines(captured.err)) == 1 and "warning: curves.png not drawn" in captured.err
+    assert "log.jsonl:1" in captured.err and not (tmp_path / "curves.png").exists()
+    assert temp_files(tmp_path) == []
