@@ -265,16 +265,16 @@ STARTUP_CASES = {
     "resume_with_another_grouping": (lambda tmp, run: train_case(
         "--resume", run / "checkpoint.pth", "--lr-scheduler", "cosineannealinglr", "--norm-weight-decay", 0)(tmp, run),
         ["without --norm-weight-decay"]),
-    # annotation files
+    # annotation files (training reads its file first; both have the same fault here)
     "deeply_nested_json": (with_data(train_case(), annotations_text="[" * 100_000 + "]" * 100_000),
                            ["instances_val2017.json", "nested too deeply"]),
     "absolute_file_name": (with_data(train_case(), file_name="/etc/hostname"),
-                           ["instances_val2017.json", "image id 1", "/etc/hostname",
+                           ["instances_train2017.json", "image id 1", "/etc/hostname",
                             "--allow-image-paths-outside-folder"]),
     "dot_dot_file_name": (with_data(train_case(), file_name="../../secret.png"),
-                          ["instances_val2017.json", "image id 1", "../../secret.png"]),
+                          ["instances_train2017.json", "image id 1", "../../secret.png"]),
     "bbox_overflowing": (with_data(train_case(), bbox=(0, 0, 1e308, 1e308)),
-                         ["instances_val2017.json", "image id 1", "overflow"]),
+                         ["instances_train2017.json", "image id 1", "overflow"]),
     # predict.py and export.py: outputs that are, or would replace, inputs
     "predict_into_the_input_folder": (lambda tmp, run: ("predict.py", ["--weights", run / "model_0.pth",
                                                                        "--output-dir", tmp / "photos",
