@@ -251,6 +251,7 @@ def _get_coco_v2(img_folder, ann_file, transforms, drop_images_without_boxes):
     # file omits them, which pycocotools' evaluation needs) so both paths evaluate against the same ground truth.
     dataset.coco = coco
     dataset.ids = ids
+    dataset.ann_file = ann_file
     if drop_images_without_boxes:
         count = _usable_boxes(coco, ids)[4]
         dataset.ids = [i for i, n in zip(ids, count) if n > 0]
@@ -291,6 +292,11 @@ def get_coco_api_from_dataset(dataset):
     if not isinstance(coco, COCO):
         raise TypeError(f"{type(dataset).__name__} carries no COCO annotations; build it with coco_utils.get_coco")
     return coco
+
+
+def get_annotation_file(dataset):
+    """The path of the annotation file the dataset was read from (None when it was built another way)."""
+    return getattr(_unwrap(dataset), "ann_file", None)
 
 
 def get_num_classes(dataset):

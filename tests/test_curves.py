@@ -4,19 +4,18 @@ import json
 import matplotlib.image
 import pytest
 
+from coco_eval import COCO_STAT_NAMES
 from conftest import assert_ok, run_script
 from plot_curves import plot_curves, read_log
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-COCO_NAMES = ["AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large",
-              "AR1", "AR10", "AR100", "AR_small", "AR_medium", "AR_large"]
 
 
 def epoch_record(epoch, evaluated):
     record = {"epoch": epoch, "lr": 0.01 / (epoch + 1), "time_s": 2.5,
               "train": {"loss": 9.0 - epoch, "bbox_regression": 3.0 - epoch / 2, "classification": 6.0 - epoch / 2}}
     if evaluated:
-        record["coco"] = {name: 0.1 * epoch for name in COCO_NAMES}
+        record["coco"] = {name: 0.1 * epoch for name in COCO_STAT_NAMES}
     return record
 
 
