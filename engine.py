@@ -103,7 +103,7 @@ def detect(model, data_loader, device, coco_backend="pycocotools", amp_dtype=Non
     return evaluator
 
 
-def score(evaluator):
+def evaluate_detections(evaluator):
     """Evaluate the gathered detections, print the tables and return the evaluator's metrics dict."""
     evaluator.accumulate()
     evaluator.summarize()
@@ -113,4 +113,4 @@ def score(evaluator):
 def evaluate(model, data_loader, device, coco_backend="pycocotools", amp_dtype=None):
     """COCO bbox evaluation of model on data_loader's dataset (all ranks); returns {"coco": {stat name: value},
     "per_class": {category name: {"AP", "AP50"}}}."""
-    return score(detect(model, data_loader, device, coco_backend=coco_backend, amp_dtype=amp_dtype))
+    return evaluate_detections(detect(model, data_loader, device, coco_backend=coco_backend, amp_dtype=amp_dtype))

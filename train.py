@@ -512,7 +512,7 @@ def main(args):
     if args.test_only:
         torch.backends.cudnn.deterministic = True
         evaluator = engine.detect(model, data_loader_test, device, coco_backend=args.coco_backend, amp_dtype=amp_dtype)
-        metrics = None if args.format_only else engine.score(evaluator)
+        metrics = None if args.format_only else engine.evaluate_detections(evaluator)
         if args.output_dir and utils.is_main_process():
             write_evaluation_files(args, dataset_test, evaluator, metrics)
         return
