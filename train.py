@@ -476,6 +476,7 @@ def main(args):
     validate_args(args)
     summary_writer_class = utils.tensorboard_writer_class() if args.tensorboard else None
     utils.init_distributed_mode(args)
+    auto_resume = args.resume == AUTO_RESUME
     args.resume = resolve_resume(args)
     if args.output_dir and utils.is_main_process():
         check_output_dir(args)
@@ -493,6 +494,12 @@ def main(args):
         torch.backends.cudnn.benchmark = True  # SSD inputs have one fixed size
 
     resume_checkpoint = load_resume_checkpoint(args) if args.resume else None
+    if auto_resume and resume_checkpoint is not None and not args.test_only \
+            and resume_checkpoint["epoch"] + 1 >= args.epochs:
+        # A job requeued after its last epoch was saved: it has done its work, which is not an error.
+        print(f"--resume auto: {args.resume} already holds the last epoch ({resume_checkpoint['epoch']}) of "
+              f"--epochs {args.epochs}: nothing left to train")
+        return
 
     print("Loading data")
     prepare_data_root(args)

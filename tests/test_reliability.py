@@ -85,6 +85,13 @@ def test_resume_after_sigkill_is_bit_identical(shapes_root, tmp_path, launcher):
     assert best[0]["epoch"] == best[1]["epoch"]
     assert all(torch.equal(best[0]["model"][k], best[1]["model"][k]) for k in best[0]["model"])
 
+    if launcher is None:  # a job requeued once more after its last epoch: nothing to do, not an error
+        before = snapshot(interrupted)
+        finished = run_script("train.py", *command)
+        assert_ok(finished)
+        assert "nothing left to train" in finished.stdout and "Epoch:" not in finished.stdout
+        assert snapshot(interrupted) == before
+
 
 def test_existing_checkpoint_is_never_overwritten_without_resume(trained_run, shapes_root):
     output_dir, _ = trained_run
