@@ -11,7 +11,7 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from coco_eval import COCO_STAT_NAMES, CocoEvaluator, format_per_class_table
+from coco_eval import COCO_STAT_NAMES, CocoEvaluator, category_names, format_per_class_table
 
 CATEGORY_IDS = [1, 5, 9]  # non-contiguous, like COCO's
 
@@ -255,3 +255,8 @@ def test_per_class_table_wraps_many_categories_into_rows():
     assert len(table) == 2 + 20  # COCO's 80 categories: 20 rows of 4
     assert all(len(line) == len(table[1]) for line in table[1:])  # aligned columns
     assert table[-1].split(" | ")[-1] == "category numbe 0.790 0.988"  # long names are cut to the column
+
+
+def test_categories_sharing_a_name_keep_their_own_entries():
+    categories = {1: {"id": 1, "name": "sign"}, 4: {"id": 4, "name": "sign"}, 7: {"id": 7, "name": "car"}}
+    assert category_names(categories, [1, 4, 7]) == {1: "sign (id 1)", 4: "sign (id 4)", 7: "car"}
