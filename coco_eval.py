@@ -5,6 +5,7 @@ arrays across ranks. Here update() only stores each image's detections as small 
 (distributed) gather, pycocotools or faster-coco-eval evaluates everything in one call. Evaluating once is also
 what lets faster-coco-eval be used at all: its C++ evaluator has no per-batch mode.
 """
+import collections
 import contextlib
 import io
 
@@ -16,11 +17,13 @@ from pycocotools.cocoeval import COCOeval
 import utils
 
 BACKENDS = ("pycocotools", "faster-coco-eval")
-SUMMARY_LINES = 12  # AP, AP50, AP75, AP S/M/L, AR1, AR10, AR100, AR S/M/L
-COCO_STAT_NAMES = [
+# The names of COCOeval's 12 summary numbers, in its order (the keys of log.jsonl's "coco" and metrics.json).
+COCO_STAT_NAMES = (
     "AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large",
     "AR1", "AR10", "AR100", "AR_small", "AR_medium", "AR_large",
-]
+)
+SUMMARY_LINES = len(COCO_STAT_NAMES)
+PER_CLASS_COLUMNS = 4  # categories per row of the per-class table: COCO's 80 fit in 20 rows
 VOC_IOU_THRESHOLD = 0.5
 
 
@@ -120,7 +123,7 @@ class CocoEvaluator:
         self.coco_eval = coco_eval
 
     def summarize(self):
-        """Print "IoU metric: bbox" and the standard 12-line AP/AR table."""
+        """Print "IoU metric: bbox", the standard 12-line AP/AR table and the per-category AP / AP50 table."""
         if self.coco_eval is None:
             raise RuntimeError("CocoEvaluator.summarize() needs accumulate() first")
         # faster-coco-eval appends AR@0.5 / AR@0.75 lines: print the 12 standard lines for both backends.
@@ -128,6 +131,7 @@ class CocoEvaluator:
             self.coco_eval.summarize()
         print("IoU metric: bbox")
         print("\n".join(table.getvalue().splitlines()[:SUMMARY_LINES]))
+        print(format_per_class_table(self.per_class()))
 
     @property
     def stats(self):
@@ -136,9 +140,51 @@ class CocoEvaluator:
             raise RuntimeError("CocoEvaluator.stats needs accumulate() and summarize() first")
         return [float(s) for s in self.coco_eval.stats[:SUMMARY_LINES]]
 
+    def per_class(self):
+        """{category name: {"AP": AP@[.50:.95], "AP50": AP@.50}} from the accumulated precision array, for every
+        category of the ground truth (-1 where the evaluated images hold none of it, as COCOeval reports)."""
+        if self.coco_eval is None:
+            raise RuntimeError("CocoEvaluator.per_class() needs accumulate() first")
+        params = self.coco_eval.params
+        # precision: [IoU threshold, recall point, category, area range, max detections]; -1 marks "no ground truth".
+        precision = np.asarray(self.coco_eval.eval["precision"])[:, :, :, params.areaRngLbl.index("all"), -1]
+        iou50 = int(np.flatnonzero(np.isclose(params.iouThrs, 0.5))[0])
+        names = category_names(self.coco_gt.cats, params.catIds)
+        return {
+            names[category_id]: {"AP": _mean_precision(precision[:, :, k]),
+                                 "AP50": _mean_precision(precision[iou50, :, k])}
+            for k, category_id in enumerate(params.catIds)
+        }
+
     def metrics(self):
-        """{"coco": {stat name: value}}, after summarize()."""
-        return {"coco": dict(zip(COCO_STAT_NAMES, self.stats))}
+        """{"coco": {stat name: value}, "per_class": {category name: {"AP", "AP50"}}}, after summarize()."""
+        return {"coco": dict(zip(COCO_STAT_NAMES, self.stats)), "per_class": self.per_class()}
+
+
+def _mean_precision(precision):
+    """COCOeval's averaging: the mean over the entries that have ground truth, -1 when none has."""
+    valid = precision[precision > -1]
+    return float(valid.mean()) if valid.size else -1.0
+
+
+def category_names(categories, category_ids):
+    """{category id: name} from the ground truth's categories; a name shared by several ids gets its id appended,
+    so that every category keeps its own entry when the results are keyed by name."""
+    names = {cid: str(categories[cid].get("name", cid)) for cid in category_ids}
+    counts = collections.Counter(names.values())
+    return {cid: name if counts[name] == 1 else f"{name} (id {cid})" for cid, name in names.items()}
+
+
+def format_per_class_table(per_class, columns=PER_CLASS_COLUMNS, name_width=14):
+    """Per-category AP and AP50, several categories per row; "-" where the evaluated images hold no such object."""
+    def number(value):
+        return f"{value:5.3f}" if value >= 0 else "    -"
+
+    cells = [f"{name[:name_width]:<{name_width}} {number(v['AP'])} {number(v['AP50'])}" for name, v in per_class.items()]
+    header = f"{'category':<{name_width}} {'AP':>5} {'AP50':>5}"
+    rows = [" | ".join(cells[i:i + columns]) for i in range(0, len(cells), columns)]
+    return "\n".join(["Per-category bbox AP @[IoU=0.50:0.95] and AP50 (area=all, maxDets=100):",
+                      " | ".join([header] * min(columns, len(cells))), *rows])
 
 
 def voc_ap_11_point(recall, precision):
@@ -206,7 +252,7 @@ class VocEvaluator(CocoEvaluator):
     def __init__(self, coco_gt, backend="pycocotools", categories=None):
         super().__init__(coco_gt, backend=backend, categories=categories)
         self.class_names = {cat_id: cat["name"] for cat_id, cat in sorted(coco_gt.cats.items())}
-        self.per_class = None  # name -> {"AP_11pt", "AP_area", "positives"} after accumulate()
+        self.voc_per_class = None  # name -> {"AP_11pt", "AP_area", "positives"} after accumulate()
 
     def _ground_truth(self, image_id, label):
         anns = [ann for ann in self.coco_gt.imgToAnns[image_id] if ann["category_id"] == label]
@@ -240,16 +286,16 @@ class VocEvaluator(CocoEvaluator):
     def accumulate(self):
         super().accumulate()
         image_ids = sorted(self.detections)
-        self.per_class = {}
+        self.voc_per_class = {}
         for label, name in self.class_names.items():
             result = self._class_ap(label, image_ids)
             if result is not None:
-                self.per_class[name] = result
+                self.voc_per_class[name] = result
 
     def _means(self):
-        if self.per_class is None:
+        if self.voc_per_class is None:
             raise RuntimeError("VocEvaluator needs accumulate() first")
-        values = list(self.per_class.values())
+        values = list(self.voc_per_class.values())
         mean = {key: float(np.mean([v[key] for v in values])) if values else float("nan")
                 for key in ("AP_11pt", "AP_area")}
         return mean["AP_11pt"], mean["AP_area"]
@@ -263,14 +309,14 @@ class VocEvaluator(CocoEvaluator):
         width = max(len(name) for name in ["class", *self.class_names.values()])
         print(f"{'class':<{width}}  AP_11pt  AP_area  objects")
         for name in self.class_names.values():
-            result = self.per_class.get(name)
+            result = self.voc_per_class.get(name)
             if result is None:
                 print(f"{name:<{width}}        -        -        0  (no ground truth: not in the mean)")
             else:
                 print(f"{name:<{width}}  {result['AP_11pt']:7.4f}  {result['AP_area']:7.4f}  {result['positives']:7d}")
-        print(f"{'mAP':<{width}}  {mean_11_point:7.4f}  {mean_area:7.4f}  ({len(self.per_class)} classes)")
+        print(f"{'mAP':<{width}}  {mean_11_point:7.4f}  {mean_area:7.4f}  ({len(self.voc_per_class)} classes)")
 
     def metrics(self):
         mean_11_point, mean_area = self._means()
-        per_class = {name: {"AP_11pt": r["AP_11pt"], "AP_area": r["AP_area"]} for name, r in self.per_class.items()}
+        per_class = {name: {"AP_11pt": r["AP_11pt"], "AP_area": r["AP_area"]} for name, r in self.voc_per_class.items()}
         return {**super().metrics(), "voc": {"mAP_11pt": mean_11_point, "mAP_area": mean_area, "per_class": per_class}}

@@ -425,6 +425,7 @@ def _get_coco_v2(img_folder, ann_file, transforms, drop_images_without_boxes, ca
     dataset.coco = coco
     dataset.ids = ids
     dataset.categories = categories
+    dataset.ann_file = ann_file
     if drop_images_without_boxes:
         dataset.ids = [i for i, n in zip(ids, count) if n > 0]
     return torchvision.datasets.wrap_dataset_for_transforms_v2(dataset, target_keys=["boxes", "labels", "image_id"])
@@ -693,6 +694,11 @@ def get_categories(dataset, coco_gt=None):
         return unwrapped.categories
     cats = (coco_gt or get_coco_api_from_dataset(dataset)).cats
     return {category_id: {"id": category_id, "name": cat["name"]} for category_id, cat in sorted(cats.items())}
+
+
+def get_annotation_file(dataset):
+    """The path of the annotation file the dataset was read from (None when it was built another way)."""
+    return getattr(_unwrap(dataset), "ann_file", None)
 
 
 def get_num_classes(dataset):

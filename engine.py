@@ -22,8 +22,9 @@ def _describe_non_finite(epoch, iteration, loss, loss_dict, targets):
 
 
 def train_one_epoch(model, optimizer, data_loader, device, epoch, print_freq, scaler=None, amp_dtype=None,
-                    warmup_iters=1000):
-    """Train for one epoch; returns the epoch means of the loss terms and the lr at the epoch's end."""
+                    warmup_iters=1000, tensorboard=None):
+    """Train for one epoch; returns the epoch means of the loss terms and the lr at the epoch's end.
+    With a tensorboard SummaryWriter, the losses and lr of every printed iteration go to it too."""
     model.train()
     metric_logger = utils.MetricLogger(delimiter="  ")
     metric_logger.add_meter("lr", utils.SmoothedValue(window_size=1, fmt="{value:.6f}"))
@@ -65,6 +66,11 @@ def train_one_epoch(model, optimizer, data_loader, device, epoch, print_freq, sc
 
         metric_logger.update(loss=loss_reduced, **loss_dict_reduced)
         metric_logger.update(lr=optimizer.param_groups[0]["lr"])  # the lr this step used
+        if tensorboard is not None and (iteration % print_freq == 0 or iteration == len(data_loader) - 1):
+            # The iterations log_every prints: values it reads back from the device anyway.
+            step = epoch * len(data_loader) + iteration
+            for name, meter in metric_logger.meters.items():
+                tensorboard.add_scalar(f"train/{name}", meter.value, step)
         if warmup is not None:
             warmup.step()
 
@@ -72,8 +78,9 @@ def train_one_epoch(model, optimizer, data_loader, device, epoch, print_freq, sc
     return {**means, "lr": optimizer.param_groups[0]["lr"]}
 
 
-def get_evaluator(dataset, coco_backend):
-    """The evaluator for the dataset: COCO's, plus the VOC devkit's AP for Pascal VOC."""
+def make_evaluator(dataset, coco_backend="pycocotools"):
+    """The evaluator for a dataset's ground truth (one interface: update, synchronize_between_processes,
+    accumulate, summarize, metrics, coco_results): COCO's, plus the VOC devkit's AP for Pascal VOC."""
     coco_gt = get_coco_api_from_dataset(dataset)
     evaluator_class = VocEvaluator if is_voc(coco_gt) else CocoEvaluator
     # The category table maps the model's labels back to the annotation file's category ids.
@@ -81,13 +88,13 @@ def get_evaluator(dataset, coco_backend):
 
 
 @torch.inference_mode()
-def evaluate(model, data_loader, device, coco_backend="pycocotools", amp_dtype=None):
-    """Evaluate model on data_loader's dataset (all ranks); returns the evaluator's metrics ({"coco": ...}, and
-    "voc": ... for Pascal VOC)."""
+def detect(model, data_loader, device, coco_backend="pycocotools", amp_dtype=None):
+    """Run the model over data_loader's dataset (all ranks); returns its evaluator holding every rank's detections,
+    ready for accumulate() or coco_results()."""
     model.eval()
     metric_logger = utils.MetricLogger(delimiter="  ")
     header = "Test:"
-    coco_evaluator = get_evaluator(data_loader.dataset, coco_backend)
+    evaluator = make_evaluator(data_loader.dataset, coco_backend)
 
     for images, targets in metric_logger.log_every(data_loader, 100, header):
         images = [image.to(device, non_blocking=True) for image in images]
@@ -97,9 +104,20 @@ def evaluate(model, data_loader, device, coco_backend="pycocotools", amp_dtype=N
         # The copy to the host waits for the device, so model_time covers the whole forward.
         outputs = [{k: v.to("cpu") for k, v in output.items()} for output in outputs]
         metric_logger.update(model_time=time.time() - model_time)
-        coco_evaluator.update({target["image_id"]: output for target, output in zip(targets, outputs)})
+        evaluator.update({target["image_id"]: output for target, output in zip(targets, outputs)})
 
-    coco_evaluator.synchronize_between_processes()
-    coco_evaluator.accumulate()
-    coco_evaluator.summarize()
-    return coco_evaluator.metrics()
+    evaluator.synchronize_between_processes()
+    return evaluator
+
+
+def evaluate_detections(evaluator):
+    """Evaluate the gathered detections, print the tables and return the evaluator's metrics dict."""
+    evaluator.accumulate()
+    evaluator.summarize()
+    return evaluator.metrics()
+
+
+def evaluate(model, data_loader, device, coco_backend="pycocotools", amp_dtype=None):
+    """Evaluate model on data_loader's dataset (all ranks); returns {"coco": {stat name: value},
+    "per_class": {category name: {"AP", "AP50"}}}, and "voc": ... for Pascal VOC."""
+    return evaluate_detections(detect(model, data_loader, device, coco_backend=coco_backend, amp_dtype=amp_dtype))

@@ -2,6 +2,7 @@
 the VOC mAP at IoU 0.5) per evaluated epoch.
 
     python plot_curves.py OUTPUT_DIR/log.jsonl -o curves.png
+    python plot_curves.py runA/log.jsonl runB/log.jsonl -o compare.png    # several runs on one figure
 
 train.py calls plot_curves() after every epoch, so the picture of a running job is always current.
 """
@@ -49,13 +50,9 @@ def read_log(log_path):
 
 def plot_curves(log_path, output_path):
     """Write a PNG with three panels (training losses, learning rate, COCO AP or VOC mAP) drawn from log_path."""
-    records = read_log(log_path)
-    if not records:
-        raise ValueError(f"{log_path}: no complete epoch record to plot")
+    records = _records_to_plot(log_path)
     epochs = [r["epoch"] for r in records]
-
-    figure = Figure(figsize=(15, 4.5), layout="constrained")
-    loss_axes, lr_axes, ap_axes = figure.subplots(1, 3, sharex=True)
+    figure, (loss_axes, lr_axes, ap_axes) = _three_panels()
 
     for term in records[-1]["train"]:
         loss_axes.plot(epochs, [r["train"].get(term, float("nan")) for r in records], marker="o", label=term)
@@ -76,24 +73,79 @@ def plot_curves(log_path, output_path):
     else:
         ap_axes.text(0.5, 0.5, "no evaluated epoch yet", ha="center", va="center", transform=ap_axes.transAxes)
 
-    for axes in (loss_axes, lr_axes, ap_axes):
+    _save(figure, output_path)
+
+
+def _records_to_plot(log_path):
+    records = read_log(log_path)
+    if not records:
+        raise ValueError(f"{log_path}: no complete epoch record to plot")
+    return records
+
+
+def _three_panels():
+    """A figure and its loss, learning-rate and AP axes, side by side over a shared epoch axis."""
+    figure = Figure(figsize=(15, 4.5), layout="constrained")
+    return figure, figure.subplots(1, 3, sharex=True)
+
+
+def _save(figure, output_path):
+    for axes in figure.axes:
         axes.grid(alpha=0.3)
         # Epochs are whole numbers; without this a 2-epoch run gets ticks at 0.25, 0.5, ...
         axes.xaxis.get_major_locator().set_params(integer=True)
-
     # Rename into place so that someone watching the file never opens a half-written picture.
     with utils.replacing(output_path) as temporary_path:
         figure.savefig(temporary_path, format="png", dpi=100)
 
 
+def run_labels(log_paths):
+    """A label per log: its folder's name, with as many parent folders as it takes to tell the runs apart."""
+    parts = [os.path.abspath(path).split(os.sep)[:-1] for path in log_paths]
+    for depth in range(1, max(map(len, parts)) + 1):
+        labels = [os.sep.join(p[-depth:]) or os.sep for p in parts]
+        if len(set(labels)) == len(labels):
+            return labels
+    return [os.path.abspath(path) for path in log_paths]  # the same log twice
+
+
+def plot_comparison(log_paths, output_path):
+    """Write a PNG with several runs on one figure: total training loss, learning rate and COCO AP (solid) / AP50
+    (dashed), one colour per run, labelled by its folder."""
+    runs = [(label, _records_to_plot(path)) for path, label in zip(log_paths, run_labels(log_paths))]
+    figure, (loss_axes, lr_axes, ap_axes) = _three_panels()
+    for index, (label, records) in enumerate(runs):
+        colour = f"C{index % 10}"
+        epochs = [r["epoch"] for r in records]
+        loss_axes.plot(epochs, [r["train"].get("loss", float("nan")) for r in records], marker="o", color=colour,
+                       label=label)
+        lr_axes.plot(epochs, [r["lr"] for r in records], marker="o", color=colour)
+        evaluated = [r for r in records if "coco" in r]
+        for metric, style in (("AP", "-"), ("AP50", "--")):
+            ap_axes.plot([r["epoch"] for r in evaluated], [r["coco"][metric] for r in evaluated], style, marker="o",
+                         color=colour, label=label if metric == "AP" else None)
+    loss_axes.set(title="training loss (total)", xlabel="epoch")
+    lr_axes.set(title="learning rate", xlabel="epoch")
+    ap_axes.set(title="COCO bbox AP (solid) and AP50 (dashed), val", xlabel="epoch", ylim=(0, 1))
+    loss_axes.legend(fontsize="small")
+    ap_axes.legend(fontsize="small")
+    _save(figure, output_path)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("log", help="a log.jsonl written by train.py")
-    parser.add_argument("-o", "--output", default=None, help="PNG to write (default: curves.png next to the log)")
+    parser.add_argument("logs", nargs="+", metavar="log",
+                        help="a log.jsonl written by train.py; several logs are compared on one figure")
+    parser.add_argument("-o", "--output", default=None,
+                        help="PNG to write (default: curves.png next to a single log, compare.png for several)")
     args = parser.parse_args()
-    output = args.output or os.path.join(os.path.dirname(os.path.abspath(args.log)), "curves.png")
     try:
-        plot_curves(args.log, output)
+        if len(args.logs) == 1:
+            output = args.output or os.path.join(os.path.dirname(os.path.abspath(args.logs[0])), "curves.png")
+            plot_curves(args.logs[0], output)
+        else:
+            output = args.output or "compare.png"
+            plot_comparison(args.logs, output)
     except (OSError, ValueError) as error:
         sys.exit(f"plot_curves.py: {error}")
     print(f"wrote {output}")

@@ -15,6 +15,7 @@ The flags follow torchvision's detection references. The published recipes, on 8
 import argparse
 import datetime
 import errno
+import json
 import math
 import os
 import re
@@ -46,7 +47,13 @@ from group_by_aspect_ratio import GroupedBatchSampler, create_aspect_ratio_group
 from plot_curves import plot_curves
 
 CHECKPOINT_NAME = "checkpoint.pth"
+BEST_NAME = "model_best.pth"
 LOG_NAME = "log.jsonl"
+DETECTIONS_NAME = "detections.json"
+METRICS_NAME = "metrics.json"
+TENSORBOARD_DIR = "tensorboard"
+EPOCH_MODEL = re.compile(r"model_(\d+)\.pth")
+AUTO_RESUME = "auto"
 # The files a run writes into --output-dir: a folder holding any of them belongs to a run.
 RUN_FILE_PATTERN = re.compile(r"checkpoint\.pth|log\.jsonl|curves\.png|model_(\d+|best)\.pth|detections\.json|"
                               r"metrics\.json")
@@ -144,11 +151,25 @@ def get_args_parser(add_help=True):
     optim.add_argument("--use-deterministic-algorithms", action="store_true")
 
     run = parser.add_argument_group("run")
-    run.add_argument("--output-dir", default="output", help="checkpoints and log.jsonl ('' writes nothing)")
-    run.add_argument("--resume", default="", help="checkpoint to resume from (e.g. OUTPUT_DIR/checkpoint.pth)")
+    run.add_argument("--output-dir", default="output",
+                     help="checkpoints, log.jsonl, and with --test-only detections.json and metrics.json "
+                          "('' writes nothing)")
+    run.add_argument("--resume", default="",
+                     help="checkpoint to resume from (e.g. OUTPUT_DIR/checkpoint.pth), or 'auto': "
+                          "OUTPUT_DIR/checkpoint.pth when it exists, else start fresh (a requeued job reruns "
+                          "its own command)")
     run.add_argument("--start-epoch", "--start_epoch", default=0, type=int, dest="start_epoch")
     run.add_argument("--print-freq", default=20, type=int)
-    run.add_argument("--test-only", action="store_true", help="only evaluate (--weights or --resume)")
+    run.add_argument("--test-only", action="store_true",
+                     help="only evaluate (--weights or --resume); writes OUTPUT_DIR/detections.json and metrics.json")
+    run.add_argument("--format-only", action="store_true",
+                     help="only write OUTPUT_DIR/detections.json, without evaluating (implies --test-only; for "
+                          "an image-info file without annotations, such as COCO test-dev's)")
+    run.add_argument("--keep-checkpoints", default=None, type=int, metavar="K",
+                     help="keep only the K newest model_{epoch}.pth (default: all); model_best.pth and "
+                          "checkpoint.pth always stay")
+    run.add_argument("--tensorboard", action="store_true",
+                     help="also log losses, lr and AP to OUTPUT_DIR/tensorboard (needs: pip install tensorboard)")
     run.add_argument("--eval-freq", default=1, type=int, help="evaluate every N epochs and after the last")
     run.add_argument("--eval-batch-size", default=8, type=int, help="images per process during evaluation")
     run.add_argument("--coco-backend", default="pycocotools", choices=["pycocotools", "faster-coco-eval"])
@@ -187,8 +208,15 @@ def validate_args(args):
         raise ConfigError(f"--lr-steps must be increasing, got {args.lr_steps}")
     if args.backend == "tv_tensor" and not args.use_v2:
         raise ConfigError("--backend tv_tensor needs --use-v2")
-    if args.resume and args.weights:
+    if args.resume and args.resume != AUTO_RESUME and args.weights:
         raise ConfigError("--resume already restores the model; drop --weights")
+    if args.keep_checkpoints is not None and args.keep_checkpoints < 1:
+        raise ConfigError(f"--keep-checkpoints must be at least 1, got {args.keep_checkpoints}")
+    args.test_only = args.test_only or args.format_only
+    for flag, needs_output in (("--resume auto", args.resume == AUTO_RESUME), ("--format-only", args.format_only),
+                               ("--tensorboard", args.tensorboard)):
+        if needs_output and not args.output_dir:
+            raise ConfigError(f"{flag} needs an --output-dir")
     if args.dataset == "shapes" and (args.shapes_num_train < 1 or args.shapes_num_val < 1):
         raise ConfigError("--shapes-num-train and --shapes-num-val must be at least 1")
     if args.amp and args.device.startswith("cpu"):
@@ -500,20 +528,147 @@ def take_output_dir(args):
     return lock
 
 
-def save_epoch(args, epoch, model, optimizer, lr_scheduler, scaler, categories, rng_states):
-    """Write model_{epoch}.pth (weights + metadata) and checkpoint.pth (everything --resume needs), atomically."""
-    meta = {"epoch": epoch, "args": checkpoint_args(args), "categories": categories}
+def resolve_resume(args):
+    """--resume auto -> OUTPUT_DIR/checkpoint.pth when it exists, else "" (start fresh); any other value as given.
+
+    Rank 0 looks and broadcasts its answer, so every rank takes the same decision even where the ranks of several
+    nodes see the output folder through differently cached (or different) file systems; a rank that cannot then
+    read the checkpoint stops with the same error as with an explicit --resume.
+    """
+    if args.resume != AUTO_RESUME:
+        return args.resume
+    candidate = os.path.join(args.output_dir, CHECKPOINT_NAME)
+    found = utils.broadcast_object(os.path.isfile(candidate) if utils.is_main_process() else None)
+    if not found:
+        print(f"--resume auto: no {candidate}, starting fresh")
+        return ""
+    print(f"--resume auto: continuing from {candidate}")
+    if args.weights:
+        print(f"--resume auto: --weights {args.weights} is not used, the checkpoint restores the model")
+        args.weights = None
+    return candidate
+
+
+def primary_metric(metrics):
+    """(name, value) of the metric model_best.pth follows: VOC's 11-point mAP when evaluated, else COCO AP."""
+    if "voc" in metrics:
+        return "voc.mAP_11pt", metrics["voc"]["mAP_11pt"]
+    return "coco.AP", metrics["coco"]["AP"]
+
+
+def training_checkpoint(args, epoch, model, optimizer, lr_scheduler, scaler, categories, rng_states):
+    """Everything --resume needs, as plain data (checkpoints must load with weights_only=True)."""
     checkpoint = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "lr_scheduler": lr_scheduler.state_dict(),
         "rng_states": rng_states,
-        **meta,
+        "epoch": epoch,
+        "args": checkpoint_args(args),
+        "categories": categories,
     }
     if scaler is not None:
         checkpoint["scaler"] = scaler.state_dict()
-    utils.save_atomic({"model": checkpoint["model"], **meta}, os.path.join(args.output_dir, f"model_{epoch}.pth"))
-    utils.save_atomic(checkpoint, os.path.join(args.output_dir, CHECKPOINT_NAME))
+    return checkpoint
+
+
+def model_file(checkpoint):
+    """What model_{epoch}.pth and model_best.pth hold: the weights with the epoch, flags and categories."""
+    return {key: checkpoint[key] for key in ("model", "epoch", "args", "categories")}
+
+
+def end_epoch(args, checkpoint, record, metrics, best, tensorboard=None):
+    """Save, log and plot one finished epoch (rank 0); returns the best evaluated epoch so far.
+
+    The order keeps the folder consistent whenever a kill or a full disk strikes: every file is written under a
+    temporary name and renamed; checkpoint.pth (which also holds the epoch's log record and the best epoch) comes
+    first, so that a folder holding any file of this run also holds the checkpoint --resume auto continues from,
+    and model_{epoch}.pth, model_best.pth and the log line follow, which a resume can rebuild from it
+    (reconcile_outputs); older model_{epoch}.pth files are deleted only once the newer ones are in place.
+    """
+    epoch = checkpoint["epoch"]
+    improved = False
+    if metrics is not None:
+        name, value = primary_metric(metrics)
+        improved = best is None or value > best["value"]
+        if improved:
+            best = {"metric": name, "value": value, "epoch": epoch}
+    if best is not None:
+        record["best"] = best
+
+    utils.save_atomic({**checkpoint, "log_record": record, "best": best},
+                      os.path.join(args.output_dir, CHECKPOINT_NAME))
+    utils.save_atomic(model_file(checkpoint), os.path.join(args.output_dir, f"model_{epoch}.pth"))
+    if improved:
+        utils.save_atomic(model_file(checkpoint), os.path.join(args.output_dir, BEST_NAME))
+        print(f"{BEST_NAME}: epoch {epoch}, best {best['metric']} so far ({best['value']:.4f})")
+    utils.append_jsonl(os.path.join(args.output_dir, LOG_NAME), record)
+    if args.keep_checkpoints is not None:
+        prune_epoch_models(args.output_dir, keep=args.keep_checkpoints, newest=epoch)
+    if tensorboard is not None:
+        write_tensorboard_metrics(tensorboard, metrics, step=record["iterations"])
+    draw_curves(args.output_dir)
+    return best
+
+
+def prune_epoch_models(output_dir, keep, newest):
+    """Delete model_{epoch}.pth of the epochs up to newest - keep (files of later epochs are never touched)."""
+    for name in os.listdir(output_dir):
+        match = EPOCH_MODEL.fullmatch(name)
+        if match and int(match.group(1)) <= newest - keep:
+            os.remove(os.path.join(output_dir, name))
+
+
+def write_tensorboard_metrics(writer, metrics, step):
+    if metrics is not None:
+        for name, value in metrics["coco"].items():
+            writer.add_scalar(f"val/{name}", value, step)
+        for category, values in metrics["per_class"].items():
+            writer.add_scalar(f"val_AP_per_class/{category}", values["AP"], step)
+    writer.flush()
+
+
+def reconcile_outputs(args, checkpoint):
+    """On resume, make log.jsonl, model_{epoch}.pth and model_best.pth agree with checkpoint.pth whatever moment
+    the run was killed.
+
+    log.jsonl gets exactly the records of the epochs before the checkpoint's, then the checkpoint's own record: a
+    kill between writing checkpoint.pth and appending its line, a torn last line, or lines of epochs after an older
+    checkpoint would otherwise leave an epoch missing or doubled. The checkpoint epoch's model_{epoch}.pth, and
+    model_best.pth when that epoch was the best one, are written again from it (the kill may have come before).
+    """
+    record = checkpoint.get("log_record")
+    if record is None:  # a checkpoint written before checkpoints carried their log record
+        return
+    epoch_model = os.path.join(args.output_dir, f"model_{checkpoint['epoch']}.pth")
+    if not os.path.exists(epoch_model):
+        utils.save_atomic(model_file(checkpoint), epoch_model)
+    log_path = os.path.join(args.output_dir, LOG_NAME)
+    earlier = [line for previous, line in utils.read_jsonl_lines(log_path) if previous.get("epoch", -1) < record["epoch"]]
+    utils.write_text_atomic(log_path, "".join(line + "\n" for line in [*earlier, json.dumps(record)]))
+    best = checkpoint.get("best")
+    if best is not None and best["epoch"] == checkpoint["epoch"]:
+        utils.save_atomic(model_file(checkpoint), os.path.join(args.output_dir, BEST_NAME))
+
+
+def write_evaluation_files(args, dataset, evaluator, metrics):
+    """detections.json (COCO results format) and, when evaluated, metrics.json, both written atomically."""
+    detections_path = os.path.join(args.output_dir, DETECTIONS_NAME)
+    utils.write_text_atomic(detections_path, json.dumps(evaluator.coco_results()))
+    print(f"wrote {detections_path}")
+    if metrics is None:
+        return
+    evaluated = {
+        "checkpoint" if args.resume else "weights": args.resume or args.weights,
+        "annotation_file": coco_utils.get_annotation_file(dataset),
+        "images": len(dataset),
+        "model": args.model,
+        "args": checkpoint_args(args),
+        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    metrics_path = os.path.join(args.output_dir, METRICS_NAME)
+    utils.write_text_atomic(metrics_path, json.dumps({**metrics, "evaluated": evaluated}, indent=1) + "\n")
+    print(f"wrote {metrics_path}")
 
 
 def restore_training_state(args, checkpoint, optimizer, lr_scheduler, scaler):
@@ -540,8 +695,17 @@ def restore_training_state(args, checkpoint, optimizer, lr_scheduler, scaler):
 def main(args):
     utils.install_stop_handlers()
     validate_args(args)
+    summary_writer_class = utils.tensorboard_writer_class() if args.tensorboard else None
     utils.init_distributed_mode(args)
+    auto_resume = args.resume == AUTO_RESUME
+    args.resume = resolve_resume(args)
     resume_checkpoint = load_resume_checkpoint(args) if args.resume else None
+    if auto_resume and resume_checkpoint is not None and not args.test_only \
+            and resume_checkpoint["epoch"] + 1 >= args.epochs:
+        # A job requeued after its last epoch was saved: it has done its work, which is not an error.
+        print(f"--resume auto: {args.resume} already holds the last epoch ({resume_checkpoint['epoch']}) of "
+              f"--epochs {args.epochs}: nothing left to train")
+        return
     output_lock = take_output_dir(args) if args.output_dir and utils.is_main_process() else None
     device = torch.device(args.device)
     if args.channels_last is None:
@@ -574,15 +738,27 @@ def main(args):
 
     if args.test_only:
         torch.backends.cudnn.deterministic = True
-        engine.evaluate(model, data_loader_test, device, coco_backend=args.coco_backend, amp_dtype=amp_dtype)
+        evaluator = engine.detect(model, data_loader_test, device, coco_backend=args.coco_backend, amp_dtype=amp_dtype)
+        metrics = None if args.format_only else engine.evaluate_detections(evaluator)
+        if args.output_dir and utils.is_main_process():
+            write_evaluation_files(args, dataset_test, evaluator, metrics)
         return
 
     data_loader, train_sampler = build_train_loader(dataset, args)
     optimizer = build_optimizer(model_without_ddp, args)
     lr_scheduler = build_lr_scheduler(optimizer, args)
+    best = None
     if resume_checkpoint is not None:
         restore_training_state(args, resume_checkpoint, optimizer, lr_scheduler, scaler)
+        best = resume_checkpoint.get("best")
+        if args.output_dir and utils.is_main_process():
+            reconcile_outputs(args, resume_checkpoint)
         del resume_checkpoint
+    tensorboard = None
+    if summary_writer_class is not None and utils.is_main_process():
+        # purge_step: a resumed run drops what the killed one logged after its checkpoint.
+        tensorboard = summary_writer_class(os.path.join(args.output_dir, TENSORBOARD_DIR),
+                                           purge_step=args.start_epoch * len(data_loader))
 
     print("Start training")
     start_time = time.time()
@@ -593,22 +769,25 @@ def main(args):
         with utils.deferred_stop(f"after epoch {epoch}'s training"):  # signals act between steps
             train_stats = engine.train_one_epoch(
                 model, optimizer, data_loader, device, epoch, args.print_freq,
-                scaler=scaler, amp_dtype=amp_dtype, warmup_iters=args.warmup_iters,
+                scaler=scaler, amp_dtype=amp_dtype, warmup_iters=args.warmup_iters, tensorboard=tensorboard,
             )
             lr_scheduler.step()
-        metrics = {}
+        metrics = None
         if (epoch + 1) % args.eval_freq == 0 or epoch + 1 == args.epochs:
             metrics = engine.evaluate(model, data_loader_test, device, coco_backend=args.coco_backend,
                                       amp_dtype=amp_dtype)
         # Captured after evaluation so a resumed run starts the next epoch from exactly this state.
         rng_states = utils.all_gather(utils.get_rng_state())
         if args.output_dir and utils.is_main_process():
+            record = {"epoch": epoch, "lr": train_stats["lr"], "time_s": round(time.time() - epoch_start, 3),
+                      "iterations": (epoch + 1) * len(data_loader), "seed": args.seed,
+                      "train": {k: v for k, v in train_stats.items() if k != "lr"}, **(metrics or {})}
+            checkpoint = training_checkpoint(args, epoch, model_without_ddp, optimizer, lr_scheduler, scaler,
+                                             categories, rng_states)
             with utils.deferred_stop(f"after saving epoch {epoch}"):  # a signal lets the save and log finish
-                save_epoch(args, epoch, model_without_ddp, optimizer, lr_scheduler, scaler, categories, rng_states)
-                record = {"epoch": epoch, "lr": train_stats["lr"], "time_s": round(time.time() - epoch_start, 3),
-                          "train": {k: v for k, v in train_stats.items() if k != "lr"}, **metrics}
-                utils.append_jsonl(os.path.join(args.output_dir, LOG_NAME), record)
-                draw_curves(args.output_dir)
+                best = end_epoch(args, checkpoint, record, metrics, best, tensorboard)
+    if tensorboard is not None:
+        tensorboard.close()
 
     total_time = str(datetime.timedelta(seconds=int(time.time() - start_time)))
     print(f"Training time {total_time}")
@@ -642,7 +821,7 @@ def one_line(error):
 
 
 USER_ERRORS = (ConfigError, coco_utils.DatasetError, models.WeightsError, engine.NonFiniteLossError,
-               utils.DistributedSetupError, utils.UserInputError)
+               utils.DistributedSetupError, utils.UserInputError, utils.OptionalDependencyError)
 
 if __name__ == "__main__":
     args = get_args_parser().parse_args()

@@ -194,6 +194,15 @@ def all_gather(data):
     return gathered
 
 
+def broadcast_object(obj, src=0):
+    """Every process gets rank src's obj (any picklable object), so all ranks act on one decision."""
+    if get_world_size() == 1:
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=src)
+    return holder[0]
+
+
 def reduce_dict(input_dict, average=True):
     """Sum (or average) a dict of scalar tensors over all processes; every process gets the same result."""
     world_size = get_world_size()
@@ -538,6 +547,37 @@ def ignore_stop_signals(worker_id=None):
     a Ctrl-C reaches the workers too and the main process fails on their death instead of stopping cleanly."""
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, signal.SIG_IGN)
+
+
+def read_jsonl_lines(path):
+    """The complete JSON-object lines of a jsonl file, as (record, line without its newline); a torn or foreign
+    line is left out. A missing file reads as empty."""
+    if not os.path.exists(path):
+        return []
+    lines = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            with contextlib.suppress(json.JSONDecodeError):
+                record = json.loads(line)
+                if isinstance(record, dict):
+                    lines.append((record, line.rstrip("\n")))
+    return lines
+
+
+# ------------------------------------------------------------------------------------------ optional packages
+
+
+class OptionalDependencyError(ImportError):
+    """A flag asked for a package that is not installed (reported in one line with the command to install it)."""
+
+
+def tensorboard_writer_class():
+    """torch's SummaryWriter, imported only when --tensorboard asks for it (tensorboard is optional)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise OptionalDependencyError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter
 
 
 # ----------------------------------------------------------------------------------------------------- RNG

@@ -11,7 +11,7 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from coco_eval import CocoEvaluator
+from coco_eval import COCO_STAT_NAMES, CocoEvaluator, category_names, format_per_class_table
 
 CATEGORY_IDS = [1, 5, 9]  # non-contiguous, like COCO's
 
@@ -180,7 +180,8 @@ def test_matches_plain_pycocotools_and_faster_coco_eval(tmp_path, capsys):
     assert 0.2 < expected[0] < 0.8 and all(s > 0 for s in expected)  # a fixture where every number means something
 
     lines = tables["pycocotools"].splitlines()
-    assert lines[0] == "IoU metric: bbox" and len(lines) == 13  # nothing else: no "Accumulating ..." chatter
+    # The 12 lines, then the per-category table (a title, a header, one row of 3 categories): no other chatter.
+    assert lines[0] == "IoU metric: bbox" and len(lines) == 16 and lines[13].startswith("Per-category")
     assert re.match(r" Average Precision  \(AP\) @\[ IoU=0.50:0.95 \| area=   all \| maxDets=100 \] = 0\.\d{3}$",
                     lines[1])
     assert tables["faster-coco-eval"] == tables["pycocotools"]
@@ -197,3 +198,65 @@ def test_configuration_errors(two_images, monkeypatch):
     monkeypatch.setitem(sys.modules, "faster_coco_eval", None)  # as if not installed
     with pytest.raises(ImportError, match="pip install faster-coco-eval"):
         CocoEvaluator(coco_gt, backend="faster-coco-eval")
+
+
+def pycocotools_per_category(gt_path, predictions, category_id):
+    """AP and AP50 of one category as pycocotools computes them when told to evaluate that category alone."""
+    results = [{"image_id": image_id, "category_id": c, "bbox": [x1, y1, x2 - x1, y2 - y1], "score": s}
+               for image_id, p in predictions.items()
+               for (x1, y1, x2, y2), s, c in zip(p["boxes"].tolist(), p["scores"].tolist(), p["labels"].tolist())]
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO(str(gt_path))
+        coco_eval = COCOeval(coco_gt, coco_gt.loadRes(results), iouType="bbox")
+        coco_eval.params.imgIds = sorted(predictions)
+        coco_eval.params.catIds = [category_id]
+        coco_eval.evaluate()
+        coco_eval.accumulate()
+        coco_eval.summarize()
+    return {"AP": coco_eval.stats[0], "AP50": coco_eval.stats[1]}
+
+
+@pytest.mark.parametrize("backend", ["pycocotools", "faster-coco-eval"])
+def test_per_class_ap_equals_pycocotools_per_category(tmp_path, backend, capsys):
+    gt_path, predictions = jittered_fixture(tmp_path, num_images=30, detections_per_image=12, seed=1)
+    # A category without any ground truth in the file: COCOeval reports -1 for it.
+    gt = json.loads(gt_path.read_text())
+    gt["categories"].append({"id": 12, "name": "unseen"})
+    gt_path.write_text(json.dumps(gt))
+
+    evaluator = CocoEvaluator(load_gt(gt_path), backend=backend)
+    evaluator.update(predictions)
+    evaluator.synchronize_between_processes()
+    evaluator.accumulate()
+    evaluator.summarize()
+    metrics = evaluator.metrics()
+    out = capsys.readouterr().out
+
+    assert list(metrics["coco"]) == list(COCO_STAT_NAMES) and list(metrics["coco"].values()) == evaluator.stats
+    assert list(metrics["per_class"]) == ["class1", "class5", "class9", "unseen"]
+    for category_id, name in [(1, "class1"), (5, "class5"), (9, "class9")]:
+        expected = pycocotools_per_category(gt_path, predictions, category_id)
+        assert metrics["per_class"][name] == pytest.approx(expected, abs=1e-12), name
+        assert 0 < expected["AP"] < expected["AP50"] <= 1  # a fixture where the numbers mean something
+    assert metrics["per_class"]["unseen"] == {"AP": -1.0, "AP50": -1.0}
+    # The overall AP is the mean over the categories that have ground truth.
+    seen = [v["AP"] for v in metrics["per_class"].values() if v["AP"] >= 0]
+    assert metrics["coco"]["AP"] == pytest.approx(sum(seen) / len(seen))
+
+    table = out[out.index("Per-category"):].splitlines()
+    assert len(table) == 3  # title, header, one row of 4 categories
+    assert table[2].startswith(f"class1         {metrics['per_class']['class1']['AP']:.3f} ")
+    assert table[2].endswith("unseen             -     -")
+
+
+def test_per_class_table_wraps_many_categories_into_rows():
+    per_class = {f"category number {n}": {"AP": n / 100, "AP50": n / 80} for n in range(80)}
+    table = format_per_class_table(per_class).splitlines()
+    assert len(table) == 2 + 20  # COCO's 80 categories: 20 rows of 4
+    assert all(len(line) == len(table[1]) for line in table[1:])  # aligned columns
+    assert table[-1].split(" | ")[-1] == "category numbe 0.790 0.988"  # long names are cut to the column
+
+
+def test_categories_sharing_a_name_keep_their_own_entries():
+    categories = {1: {"id": 1, "name": "sign"}, 4: {"id": 4, "name": "sign"}, 7: {"id": 7, "name": "car"}}
+    assert category_names(categories, [1, 4, 7]) == {1: "sign (id 1)", 4: "sign (id 4)", 7: "car"}

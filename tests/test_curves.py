@@ -4,19 +4,18 @@ import json
 import matplotlib.image
 import pytest
 
+from coco_eval import COCO_STAT_NAMES
 from conftest import assert_ok, run_script
-from plot_curves import plot_curves, read_log
+from plot_curves import plot_curves, read_log, run_labels
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-COCO_NAMES = ["AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large",
-              "AR1", "AR10", "AR100", "AR_small", "AR_medium", "AR_large"]
 
 
 def epoch_record(epoch, evaluated):
     record = {"epoch": epoch, "lr": 0.01 / (epoch + 1), "time_s": 2.5,
               "train": {"loss": 9.0 - epoch, "bbox_regression": 3.0 - epoch / 2, "classification": 6.0 - epoch / 2}}
     if evaluated:
-        record["coco"] = {name: 0.1 * epoch for name in COCO_NAMES}
+        record["coco"] = {name: 0.1 * epoch for name in COCO_STAT_NAMES}
     return record
 
 
@@ -64,3 +63,26 @@ def test_cli_writes_curves_next_to_the_log(torn_log):
     missing = run_script("plot_curves.py", torn_log.parent / "missing.jsonl")
     assert missing.returncode == 1
     assert missing.stderr.strip().count("\n") == 0 and "missing.jsonl" in missing.stderr
+
+
+def test_runs_are_labelled_by_the_folders_that_tell_them_apart():
+    assert run_labels(["runs/lr0.01/log.jsonl", "runs/lr0.05/log.jsonl"]) == ["lr0.01", "lr0.05"]
+    assert run_labels(["a/out/log.jsonl", "b/out/log.jsonl"]) == ["a/out", "b/out"]
+
+
+def test_cli_compares_several_runs_on_one_figure(torn_log, tmp_path):
+    other = tmp_path / "other" / "log.jsonl"
+    other.parent.mkdir()
+    other.write_text("".join(json.dumps({**epoch_record(e, evaluated=True), "lr": 0.05}) + "\n" for e in range(3)))
+    output = tmp_path / "compare.png"
+    result = run_script("plot_curves.py", torn_log, other, "--output", output)
+    assert_ok(result)
+    pixels = matplotlib.image.imread(output)
+    assert pixels.shape[:2] == (450, 1500) and pixels.std() > 0.05
+    assert not (tmp_path / "curves.png").exists()
+    empty = tmp_path / "empty" / "log.jsonl"
+    empty.parent.mkdir()
+    empty.write_text("")
+    failed = run_script("plot_curves.py", other, empty, "--output", tmp_path / "bad.png")
+    assert failed.returncode == 1 and failed.stderr.strip().count("\n") == 0 and str(empty) in failed.stderr
+    assert not (tmp_path / "bad.png").exists()

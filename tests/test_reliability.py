@@ -55,24 +55,44 @@ def start_and_kill_mid_epoch(command_args, epoch, launcher=None):
     assert process.returncode != 0, "".join(seen[-50:])
 
 
+def without_times(log):
+    return [{k: v for k, v in record.items() if k != "time_s"} for record in log]
+
+
 @pytest.mark.parametrize("launcher", [None, torchrun(2)], ids=["single", "torchrun2"])
 def test_resume_after_sigkill_is_bit_identical(shapes_root, tmp_path, launcher):
+    """A requeued job reruns its own command: --resume auto starts fresh, then continues after the kill."""
     flags = ["--use-deterministic-algorithms", "-j", 1]
     reference = tmp_path / "reference"
     assert_ok(run_script("train.py", *train_args(shapes_root, reference, *flags), launcher=launcher))
 
     interrupted = tmp_path / "interrupted"
-    start_and_kill_mid_epoch(train_args(shapes_root, interrupted, *flags), epoch=1, launcher=launcher)
-    assert read_log(interrupted)[-1]["epoch"] == 0
-    resumed = run_script("train.py", *train_args(shapes_root, interrupted, *flags, "--resume",
-                                                 interrupted / "checkpoint.pth"), launcher=launcher)
+    command = train_args(shapes_root, interrupted, *flags, "--resume", "auto")
+    start_and_kill_mid_epoch(command, epoch=1, launcher=launcher)
+    log_path = interrupted / "log.jsonl"
+    assert [r["epoch"] for r in read_log(interrupted)] == [0]
+    # What a kill while appending epoch 0's line leaves (checkpoint.pth already holds epoch 0): a torn line.
+    log_path.write_text(log_path.read_text()[:50])
+    resumed = run_script("train.py", *command, launcher=launcher)
     assert_ok(resumed)
+    assert f"--resume auto: continuing from {interrupted / 'checkpoint.pth'}" in resumed.stdout
+    assert "Epoch: [0]" not in resumed.stdout
 
     expected, actual = final_parameters(reference), final_parameters(interrupted)
     assert expected.keys() == actual.keys()
     for name in expected:
         assert torch.equal(expected[name], actual[name]), name
-    assert [r["train"] for r in read_log(interrupted)] == [r["train"] for r in read_log(reference)]
+    assert without_times(read_log(interrupted)) == without_times(read_log(reference))  # no epoch missing or doubled
+    best = [torch.load(d / "model_best.pth", map_location="cpu", weights_only=True) for d in (reference, interrupted)]
+    assert best[0]["epoch"] == best[1]["epoch"]
+    assert all(torch.equal(best[0]["model"][k], best[1]["model"][k]) for k in best[0]["model"])
+
+    if launcher is None:  # a job requeued once more after its last epoch: nothing to do, not an error
+        before = snapshot(interrupted)
+        finished = run_script("train.py", *command)
+        assert_ok(finished)
+        assert "nothing left to train" in finished.stdout and "Epoch:" not in finished.stdout
+        assert snapshot(interrupted) == before
 
 
 def test_existing_checkpoint_is_never_overwritten_without_resume(trained_run, shapes_root):
@@ -198,6 +218,9 @@ def test_bad_flags_are_reported_in_one_line(trained_run, shapes_root, tmp_path):
         (["--weights", tmp_path / "missing.pth"], ["missing.pth"]),
         (["--resume", checkpoint, "--model", "ssd300_vgg16"], [str(checkpoint), LITE, "ssd300_vgg16"]),
         (["--resume", checkpoint, "--epochs", 2], [str(checkpoint), "--epochs"]),
+        (["--keep-checkpoints", 0], ["--keep-checkpoints"]),
+        (["--resume", "auto", "--output-dir", ""], ["--resume auto", "--output-dir"]),
+        (["--format-only", "--output-dir", ""], ["--format-only", "--output-dir"]),
     ]
     for extra, fragments in cases:
         args = train_args(shapes_root, tmp_path / "out", epochs=2)

@@ -41,27 +41,51 @@ def test_training_writes_checkpoints_log_and_ap_table(trained_run):
     assert checkpoint["categories"] and all(isinstance(k, int) for k in checkpoint["categories"])
 
 
-def test_test_only_reproduces_the_logged_ap(trained_run, shapes_root):
+def test_test_only_reproduces_the_logged_ap(trained_run, shapes_root, tmp_path):
     output_dir, _ = trained_run
     logged = read_log(output_dir)[-1]["coco"]
     for source in (["--resume", output_dir / "checkpoint.pth"], ["--weights", output_dir / "model_1.pth"]):
-        result = run_script("train.py", *train_args(shapes_root, "", "--test-only", *source))
+        result = run_script("train.py", *train_args(shapes_root, "", "--test-only", *source), cwd=tmp_path)
         assert_ok(result)
         assert printed_ap(result.stdout) == round(logged["AP"], 3)
+    assert not list(tmp_path.iterdir())  # --output-dir '': no detections.json, no metrics.json, anywhere
 
 
 def test_resume_continues_at_next_epoch_with_restored_lr(trained_run, shapes_root, tmp_path):
+    """Also what the third epoch leaves with --keep-checkpoints 1 and --tensorboard: only the newest
+    model_{epoch}.pth, model_best.pth of the best logged epoch (remembered across the resume), and the events."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     output_dir, _ = trained_run
     resumed_dir = tmp_path / "resumed"
     shutil.copytree(output_dir, resumed_dir)
     result = run_script("train.py", *train_args(shapes_root, resumed_dir, "--resume", resumed_dir / "checkpoint.pth",
-                                                epochs=3))
+                                                "--keep-checkpoints", 1, "--tensorboard", epochs=3))
     assert_ok(result)
     assert "Epoch: [2]" in result.stdout and "Epoch: [0]" not in result.stdout
     log = read_log(resumed_dir)
     assert [record["epoch"] for record in log] == [0, 1, 2]
     # The cosine schedule was restored (T_max = 2 from the first run), so epoch 2 trains at lr 0.01 * (1 + cos(pi)) / 2.
     assert math.isclose(log[2]["lr"], 0.0, abs_tol=1e-9)
+
+    assert sorted(p.name for p in resumed_dir.iterdir()) == [
+        "checkpoint.pth", "curves.png", "log.jsonl", "model_2.pth", "model_best.pth", "tensorboard"]
+    aps = [record["coco"]["AP"] for record in log]
+    best_epoch = aps.index(max(aps))
+    best = torch.load(resumed_dir / "model_best.pth", map_location="cpu", weights_only=True)
+    assert best["epoch"] == best_epoch and best["args"]["model"] == LITE
+    assert log[-1]["best"] == {"metric": "coco.AP", "value": max(aps), "epoch": best_epoch}
+    assert all(set(record["per_class"]) == {"circle", "rectangle", "triangle", "star", "cross"} for record in log)
+
+    events = EventAccumulator(str(resumed_dir / "tensorboard"))
+    events.Reload()
+    iterations = log[0]["iterations"]  # per epoch; printed (--print-freq 2): every second one and the last
+    printed = [2 * iterations + i for i in range(iterations) if i % 2 == 0 or i == iterations - 1]
+    for tag in ("train/loss", "train/classification", "train/bbox_regression", "train/lr"):
+        assert [e.step for e in events.Scalars(tag)] == printed, tag
+    assert [(e.step, e.value) for e in events.Scalars("val/AP")] == [(3 * iterations, pytest.approx(aps[2]))]
+    per_class = {f"val_AP_per_class/{name}": values["AP"] for name, values in log[2]["per_class"].items()}
+    assert {tag: events.Scalars(tag)[0].value for tag in per_class} == pytest.approx(per_class)
 
 
 def test_torchrun_two_processes_trains_and_evaluates_like_one(trained_run, shapes_root, tmp_path):
