@@ -582,9 +582,10 @@ def end_epoch(args, checkpoint, record, metrics, best, tensorboard=None):
 
     The order keeps the folder consistent whenever a kill or a full disk strikes: every file is written under a
     temporary name and renamed; checkpoint.pth (which also holds the epoch's log record and the best epoch) comes
-    first, so that a folder holding any file of this run also holds the checkpoint --resume auto continues from,
-    and model_{epoch}.pth, model_best.pth and the log line follow, which a resume can rebuild from it
-    (reconcile_outputs); older model_{epoch}.pth files are deleted only once the newer ones are in place.
+    first, so that a folder holding any file of this run also holds the checkpoint --resume auto continues from;
+    then model_{epoch}.pth (a kill just before it leaves that epoch's weights in checkpoint.pth alone), model_best.pth
+    and the log line, which a resume rebuilds from the checkpoint (reconcile_outputs); older model_{epoch}.pth files
+    are deleted only once the newer ones are in place.
     """
     epoch = checkpoint["epoch"]
     improved = False
@@ -629,20 +630,16 @@ def write_tensorboard_metrics(writer, metrics, step):
 
 
 def reconcile_outputs(args, checkpoint):
-    """On resume, make log.jsonl, model_{epoch}.pth and model_best.pth agree with checkpoint.pth whatever moment
-    the run was killed.
+    """On resume, make log.jsonl and model_best.pth agree with checkpoint.pth whatever moment the run was killed.
 
     log.jsonl gets exactly the records of the epochs before the checkpoint's, then the checkpoint's own record: a
     kill between writing checkpoint.pth and appending its line, a torn last line, or lines of epochs after an older
-    checkpoint would otherwise leave an epoch missing or doubled. The checkpoint epoch's model_{epoch}.pth, and
-    model_best.pth when that epoch was the best one, are written again from it (the kill may have come before).
+    checkpoint would otherwise leave an epoch missing or doubled. When the checkpoint's epoch was the best one,
+    model_best.pth is written again from it (the kill may have come before it was).
     """
     record = checkpoint.get("log_record")
     if record is None:  # a checkpoint written before checkpoints carried their log record
         return
-    epoch_model = os.path.join(args.output_dir, f"model_{checkpoint['epoch']}.pth")
-    if not os.path.exists(epoch_model):
-        utils.save_atomic(model_file(checkpoint), epoch_model)
     log_path = os.path.join(args.output_dir, LOG_NAME)
     earlier = [line for previous, line in utils.read_jsonl_lines(log_path) if previous.get("epoch", -1) < record["epoch"]]
     utils.write_text_atomic(log_path, "".join(line + "\n" for line in [*earlier, json.dumps(record)]))

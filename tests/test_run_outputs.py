@@ -61,7 +61,8 @@ def test_test_only_writes_detections_and_metrics_that_pycocotools_confirms(train
     result = run_script("train.py", *train_args(shapes_root, evaluation_dir, "--test-only", "--resume", checkpoint))
     assert_ok(result)
     assert checkpoint.read_bytes() == checkpoint_bytes  # never touched
-    assert sorted(p.name for p in evaluation_dir.iterdir()) == ["checkpoint.pth", "detections.json", "metrics.json"]
+    assert sorted(p.name for p in evaluation_dir.iterdir()) == [
+        ".train.lock", "checkpoint.pth", "detections.json", "metrics.json"]
 
     annotation_file = shapes_root / "annotations" / "instances_val2017.json"
     metrics = json.loads((evaluation_dir / "metrics.json").read_text())
@@ -84,7 +85,7 @@ def test_test_only_writes_detections_and_metrics_that_pycocotools_confirms(train
                                                 "--data-path", image_info))
     assert_ok(result)
     assert "Average Precision" not in result.stdout
-    assert sorted(p.name for p in format_dir.iterdir()) == ["detections.json"]
+    assert sorted(p.name for p in format_dir.iterdir()) == [".train.lock", "detections.json"]
     detections = json.loads((format_dir / "detections.json").read_text())
     assert detections == json.loads((evaluation_dir / "detections.json").read_text())
     assert set(detections[0]) == {"image_id", "category_id", "bbox", "score"}

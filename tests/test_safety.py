@@ -109,15 +109,35 @@ sys.argv = [{train!r}] + sys.argv[1:]
 runpy.run_path({train!r}, run_name="__main__")
 """
 
+# The same with every SGD step (torch's, not ours) made slower, so that a signal sent after the first step's line
+# reliably lands while the epoch is still training, however fast the machine.
+SLOW_STEP_LAUNCHER = """
+import runpy, sys, time
+sys.path.insert(0, {repo!r})
+import torch
+real_step = torch.optim.SGD.step
+def slow_step(self, *args, **kwargs):
+    time.sleep(0.5)
+    return real_step(self, *args, **kwargs)
+torch.optim.SGD.step = slow_step
+sys.argv = [{train!r}] + sys.argv[1:]
+runpy.run_path({train!r}, run_name="__main__")
+"""
+
+
+def launcher(template, folder):
+    path = folder / "launcher.py"
+    path.write_text(template.format(repo=str(REPO), train=str(REPO / "train.py")))
+    return [str(path)]
+
 
 @pytest.fixture(scope="module")
 def stopped_during_save(tiny_root, tmp_path_factory):
-    """A run sent SIGTERM while it wrote epoch 0's model_0.pth: (output_dir, exit code, stderr, the temporary
-    files present when the signal was sent)."""
-    launcher = tmp_path_factory.mktemp("launcher") / "slow_save.py"
-    launcher.write_text(SLOW_SAVE_LAUNCHER.format(repo=str(REPO), train=str(REPO / "train.py")))
+    """A run sent SIGTERM while it wrote epoch 0's checkpoint.pth (the first file an epoch writes): (output_dir, exit
+    code, stderr, the temporary files present when the signal was sent)."""
     output_dir = tmp_path_factory.mktemp("run") / "out"
-    process = start_train(*tiny_run_args(tiny_root, output_dir), launcher=[str(launcher)])
+    process = start_train(*tiny_run_args(tiny_root, output_dir),
+                          launcher=launcher(SLOW_SAVE_LAUNCHER, tmp_path_factory.mktemp("launcher")))
     wait_for_line(process, "SAVE-IN-PROGRESS")
     in_progress = temp_files(output_dir)
     process.send_signal(signal.SIGTERM)
@@ -127,7 +147,7 @@ def stopped_during_save(tiny_root, tmp_path_factory):
 
 def test_sigterm_during_a_save_finishes_it_and_stops(stopped_during_save):
     output_dir, returncode, stderr, in_progress = stopped_during_save
-    assert len(in_progress) == 1 and in_progress[0].startswith(".model_0.pth.")  # the signal came mid-save
+    assert len(in_progress) == 1 and in_progress[0].startswith(".checkpoint.pth.")  # the signal came mid-save
     checkpoint = output_dir / "checkpoint.pth"
     assert_one_line(returncode, stderr, 143, "SIGTERM", "after saving epoch 0", f"--resume {checkpoint}")
     assert temp_files(output_dir) == []
@@ -162,7 +182,8 @@ def test_two_runs_into_one_folder_one_runs_the_other_stops_at_once(tiny_root, tm
     output_dir.mkdir()
     (output_dir / "notes.txt").write_text("mine")
     before = snapshot(output_dir)
-    first, second = (start_train(*tiny_run_args(tiny_root, output_dir)) for _ in range(2))
+    slow_steps = launcher(SLOW_STEP_LAUNCHER, tmp_path)
+    first, second = (start_train(*tiny_run_args(tiny_root, output_dir), launcher=slow_steps) for _ in range(2))
     try:
         deadline = time.monotonic() + 120
         while first.poll() is None and second.poll() is None:

@@ -69,7 +69,7 @@ def test_resume_continues_at_next_epoch_with_restored_lr(trained_run, shapes_roo
     assert math.isclose(log[2]["lr"], 0.0, abs_tol=1e-9)
 
     assert sorted(p.name for p in resumed_dir.iterdir()) == [
-        "checkpoint.pth", "curves.png", "log.jsonl", "model_2.pth", "model_best.pth", "tensorboard"]
+        ".train.lock", "checkpoint.pth", "curves.png", "log.jsonl", "model_2.pth", "model_best.pth", "tensorboard"]
     aps = [record["coco"]["AP"] for record in log]
     best_epoch = aps.index(max(aps))
     best = torch.load(resumed_dir / "model_best.pth", map_location="cpu", weights_only=True)

@@ -231,7 +231,7 @@ def test_bad_voc_input_is_reported_in_one_line(case, tmp_path):
                      {"trainval": ["a"], "test": ["a", "b"]})
     break_it(root)
     result = run_script("train.py", "--dataset", "voc", "--data-path", root, "--voc-classes", "cat", *extra,
-                        "--model", "ssdlite320_mobilenet_v3_large", "--epochs", 1, "-b", 1, "-j", 0,
+                        "--model", "ssdlite320_mobilenet_v3_large", "--epochs", 1, "-b", 2, "-j", 0,
                         "--output-dir", "", timeout=120)
     lines = result.stderr.strip().splitlines()
     assert result.returncode != 0 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
