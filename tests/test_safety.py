@@ -131,29 +131,41 @@ def launcher(template, folder):
     return [str(path)]
 
 
-@pytest.fixture(scope="module")
-def stopped_during_save(tiny_root, tmp_path_factory):
-    """A run sent SIGTERM while it wrote epoch 0's checkpoint.pth (the first file an epoch writes): (output_dir, exit
-    code, stderr, the temporary files present when the signal was sent)."""
-    output_dir = tmp_path_factory.mktemp("run") / "out"
-    process = start_train(*tiny_run_args(tiny_root, output_dir),
-                          launcher=launcher(SLOW_SAVE_LAUNCHER, tmp_path_factory.mktemp("launcher")))
+def stop_during_save(tiny_root, folder, stop_signal):
+    """A run sent stop_signal while it wrote epoch 0's checkpoint.pth (the first file an epoch writes): (output_dir,
+    exit code, stderr, the temporary files present when the signal was sent)."""
+    output_dir = folder / "out"
+    process = start_train(*tiny_run_args(tiny_root, output_dir), launcher=launcher(SLOW_SAVE_LAUNCHER, folder))
     wait_for_line(process, "SAVE-IN-PROGRESS")
     in_progress = temp_files(output_dir)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(stop_signal)
     returncode, _, stderr = finish(process)
     return output_dir, returncode, stderr, in_progress
 
 
-def test_sigterm_during_a_save_finishes_it_and_stops(stopped_during_save):
-    output_dir, returncode, stderr, in_progress = stopped_during_save
+@pytest.fixture(scope="module")
+def stopped_during_save(tiny_root, tmp_path_factory):
+    return stop_during_save(tiny_root, tmp_path_factory.mktemp("run"), signal.SIGTERM)
+
+
+def assert_save_finished_then_stopped(stopped, stop_signal):
+    output_dir, returncode, stderr, in_progress = stopped
     assert len(in_progress) == 1 and in_progress[0].startswith(".checkpoint.pth.")  # the signal came mid-save
     checkpoint = output_dir / "checkpoint.pth"
-    assert_one_line(returncode, stderr, 143, "SIGTERM", "after saving epoch 0", f"--resume {checkpoint}")
+    assert_one_line(returncode, stderr, 128 + stop_signal, stop_signal.name, "after saving epoch 0",
+                    f"--resume {checkpoint}")
     assert temp_files(output_dir) == []
     assert models.load_checkpoint_file(output_dir / "model_0.pth")["epoch"] == 0
     assert models.load_checkpoint_file(checkpoint)["epoch"] == 0
     assert [record["epoch"] for record in read_log(output_dir)] == [0]
+
+
+def test_sigterm_during_a_save_finishes_it_and_stops(stopped_during_save):
+    assert_save_finished_then_stopped(stopped_during_save, signal.SIGTERM)
+
+
+def test_ctrl_c_during_a_save_finishes_it_and_stops(tiny_root, tmp_path):
+    assert_save_finished_then_stopped(stop_during_save(tiny_root, tmp_path, signal.SIGINT), signal.SIGINT)
 
 
 def test_rerun_after_preemption_resumes_cleans_stale_temp_files_and_stops_on_sigterm(stopped_during_save, tiny_root,
@@ -166,7 +178,8 @@ def test_rerun_after_preemption_resumes_cleans_stale_temp_files_and_stops_on_sig
     for name in look_alikes:
         (run_dir / name).write_text("the user's")
     users = {name: digest for name, digest in snapshot(run_dir).items() if name in look_alikes}
-    process = start_train(*tiny_run_args(tiny_root, run_dir, "--resume", run_dir / "checkpoint.pth"))
+    process = start_train(*tiny_run_args(tiny_root, run_dir, "--resume", run_dir / "checkpoint.pth"),
+                          launcher=launcher(SLOW_STEP_LAUNCHER, tmp_path))
     seen = wait_for_line(process, r"Epoch: \[1\]\s+\[0/")
     assert "removed 1 temporary file(s)" in "".join(seen)
     assert not (run_dir / ".checkpoint.pth.k3x_9a2b.tmp").exists()
