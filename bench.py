@@ -43,8 +43,7 @@ import coco_utils
 import models
 import presets
 import utils
-from export import match_detections
-from models.postprocess import postprocess_detections
+from models.postprocess import match_detections, postprocess_detections
 from models.transform import batch_targets
 
 MODEL_NAMES = ("ssd300_vgg16", "ssdlite320_mobilenet_v3_large")
@@ -442,7 +441,7 @@ def same_detections(ours, theirs):
     1e-3 px and scores within 1e-4, in whatever order near-tied scores come out (GPU kernels can swap them)."""
     for mine, reference in zip(ours, theirs):
         matched, worst_box, worst_score = match_detections(*({k: v.cpu() for k, v in d.items()}
-                                                             for d in (reference, mine)))
+                                                             for d in (reference, mine)), 1e-3, 1e-4)
         if not (len(mine["labels"]) == len(reference["labels"]) == matched and worst_box <= 1e-3
                 and worst_score <= 1e-4):
             return "WARNING: detections differ"

@@ -29,7 +29,7 @@ from torchvision.transforms.functional import pil_to_tensor
 import coco_utils
 import models
 import utils
-from predict import UsageError, check_score_thresh, load_detector
+from models.postprocess import match_detections
 
 INPUT_NAMES = ["images"]
 OUTPUT_NAMES = ["boxes", "scores", "labels", "num_detections"]
@@ -46,7 +46,7 @@ def require(module, package):
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise UsageError(f"export.py needs the optional package '{package}': pip install {package}") from None
+        raise utils.UserInputError(f"export.py needs the optional package '{package}': pip install {package}") from None
 
 
 class DetectionPipeline(torch.nn.Module):
@@ -114,27 +114,8 @@ def load_check_batch(paths, size, count=3, seed=0):
     try:
         images = [pil_to_tensor(coco_utils.load_rgb_image(path)).float().div(255) for path in paths]
     except coco_utils.DatasetError as error:
-        raise UsageError(f"--check: {error}") from None
+        raise utils.UserInputError(f"--check: {error}") from None
     return torch.cat([F.interpolate(image[None], size=size, mode="bilinear", align_corners=False) for image in images])
-
-
-def match_detections(reference, candidate):
-    """Greedy one-to-one matching of candidate detections to reference ones (same label, boxes and scores within
-    tolerance). Returns (matched count, largest box difference, largest score difference) over the matches."""
-    box_difference = (reference["boxes"][:, None] - candidate["boxes"][None]).abs().amax(dim=-1)
-    score_difference = (reference["scores"][:, None] - candidate["scores"][None]).abs()
-    compatible = (reference["labels"][:, None] == candidate["labels"][None]) & (box_difference <= BOX_TOLERANCE)
-    compatible &= score_difference <= SCORE_TOLERANCE
-    taken = torch.zeros(len(candidate["boxes"]), dtype=torch.bool)
-    worst_box, worst_score = 0.0, 0.0
-    for row in range(len(reference["boxes"])):
-        options = (compatible[row] & ~taken).nonzero().flatten()
-        if len(options):
-            best = options[box_difference[row, options].argmin()]
-            taken[best] = True
-            worst_box = max(worst_box, box_difference[row, best].item())
-            worst_score = max(worst_score, score_difference[row, best].item())
-    return int(taken.sum()), worst_box, worst_score
 
 
 def compare(references, output, batch):
@@ -152,7 +133,7 @@ def compare(references, output, batch):
         count = int(counts[index])
         candidate = {"boxes": torch.from_numpy(boxes[index, :count]), "scores": torch.from_numpy(scores[index, :count]),
                      "labels": torch.from_numpy(labels[index, :count])}
-        matched, worst_box, worst_score = match_detections(reference, candidate)
+        matched, worst_box, worst_score = match_detections(reference, candidate, BOX_TOLERANCE, SCORE_TOLERANCE)
         same = matched == len(reference["boxes"]) == count
         all_match &= same
         print(f"image {index}: PyTorch {len(reference['boxes'])} detections, ONNX {count}, matched {matched}; "
@@ -180,7 +161,7 @@ def check_output(args):
     utils.check_output_file(args.output)
     for flag, path in [("--weights", args.weights)] + [("--check", path) for path in args.check]:
         if utils.same_file(args.output, path):
-            raise UsageError(f"--output {args.output} is the {flag} input {path}: choose another file name")
+            raise utils.UserInputError(f"--output {args.output} is the {flag} input {path}: choose another file name")
 
 
 def main(args):
@@ -188,10 +169,10 @@ def main(args):
         require(module, package)
     check_output(args)
     if args.opset is not None and args.opset < MIN_OPSET:
-        raise UsageError(f"--opset {args.opset}: the exporter writes opset {MIN_OPSET} or newer")
-    model, model_name, class_names = load_detector(args.model, args.weights)
+        raise utils.UserInputError(f"--opset {args.opset}: the exporter writes opset {MIN_OPSET} or newer")
+    model, model_name, class_names = models.load_detector(args.weights, args.model)
     if args.score_thresh is not None:
-        check_score_thresh(args.score_thresh)
+        utils.check_score_thresh(args.score_thresh)
         model.score_thresh = args.score_thresh
     batch = load_check_batch(args.check, model.size)
     # The reference is the model's normal eval path (list in, per-image dicts out), so the check covers the whole
@@ -217,7 +198,7 @@ def main(args):
 if __name__ == "__main__":
     try:
         main(get_args_parser().parse_args())
-    except (UsageError, models.WeightsError, utils.UserInputError) as error:
+    except (utils.UserInputError, models.WeightsError) as error:
         sys.exit(f"export.py: {error}")
     except KeyboardInterrupt:
         print("export.py: interrupted; no partial ONNX file was left", file=sys.stderr)

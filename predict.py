@@ -23,7 +23,6 @@ import time
 
 import matplotlib
 import torch
-import torchvision
 from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor
 from torchvision.utils import draw_bounding_boxes
@@ -36,51 +35,6 @@ SUMMARY_NAME = "detections.json"
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 # matplotlib (a core requirement) ships DejaVu Sans: a scalable font that is always there, no download needed.
 FONT_PATH = os.path.join(matplotlib.get_data_path(), "fonts", "ttf", "DejaVuSans.ttf")
-
-
-class UsageError(Exception):
-    """Bad input from the user; main() prints the one-line message and exits."""
-
-
-# ------------------------------------------------------------------------------------------------- the model
-
-
-def read_weights_metadata(weights):
-    """(model name or None, {label: class name}) stored with the weights, without building anything."""
-    try:
-        weights_enum = torchvision.models.get_weight(weights)
-    except (ValueError, KeyError):
-        weights_enum = None
-    if weights_enum is None or os.path.exists(weights):
-        checkpoint = models.load_checkpoint_file(weights)  # a one-line WeightsError for a missing or bad file
-        if not isinstance(checkpoint.get("model"), dict):  # a plain state_dict: no metadata
-            return None, {}
-        saved_args = checkpoint.get("args") or {}
-        return saved_args.get("model"), models.class_names(checkpoint.get("categories"))
-    # SSD300_VGG16_Weights -> ssd300_vgg16: torchvision names the enum after its builder.
-    model_name = type(weights_enum).__name__.lower().removesuffix("_weights")
-    return model_name, dict(enumerate(weights_enum.meta.get("categories") or []))
-
-
-def load_detector(model_name, weights, device="cpu"):
-    """Build the detector from a checkpoint file or a torchvision weights name.
-
-    model_name may be None when the weights say which model they belong to. Returns (model in eval mode on device,
-    model name, {label: class name}); labels without a name are shown as their number.
-    """
-    if model_name is not None and model_name not in models.list_models():
-        raise UsageError(f"--model {model_name}: unknown model; valid names: {', '.join(models.list_models())}")
-    saved_model_name, class_names = read_weights_metadata(weights)
-    if model_name is None:
-        if saved_model_name is None:
-            raise UsageError(f"--model is required: --weights {weights} does not say which model it belongs to")
-        model_name = saved_model_name
-    elif saved_model_name is not None and saved_model_name != model_name:
-        raise UsageError(
-            f"--model {model_name} does not match --weights {weights}, which belongs to {saved_model_name}"
-        )
-    model = models.get_model(model_name, weights=weights)
-    return model.eval().to(device), model_name, class_names
 
 
 # ------------------------------------------------------------------------------------------------ the inputs
@@ -101,7 +55,7 @@ def find_images(inputs, output_dir):
         elif os.path.isdir(item):
             candidates = [(path, os.path.relpath(path, item)) for path in walk_images(item, skip=output_dir)]
         else:
-            raise UsageError(f"input {item}: no such file or folder")
+            raise utils.UserInputError(f"input {item}: no such file or folder")
         for path, relative in candidates:
             if os.path.realpath(path) not in seen:
                 seen.add(os.path.realpath(path))
@@ -139,7 +93,7 @@ def check_output_dir_holds_no_input(output_dir, inputs):
     for item in inputs:
         if os.path.commonpath([output, os.path.realpath(item)]) == output:
             what = "is the input" if os.path.realpath(item) == output else "holds the input"
-            raise UsageError(f"--output-dir {output_dir} {what} {item}: pictures could replace your images; "
+            raise utils.UserInputError(f"--output-dir {output_dir} {what} {item}: pictures could replace your images; "
                              "choose a folder outside the inputs")
 
 
@@ -151,7 +105,7 @@ def check_no_foreign_file_replaced(output_dir, picture_names):
     foreign = [name for name in existing if name not in earlier_outputs(output_dir)]
     if foreign:
         more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
-        raise UsageError(f"--output-dir {output_dir} already holds {foreign[0]}{more}, which no earlier predict.py "
+        raise utils.UserInputError(f"--output-dir {output_dir} already holds {foreign[0]}{more}, which no earlier predict.py "
                          "run there wrote: choose another --output-dir")
 
 
@@ -268,15 +222,10 @@ def get_args_parser():
     return parser
 
 
-def check_score_thresh(score_thresh):
-    if not 0.0 <= score_thresh < 1.0:
-        raise UsageError(f"--score-thresh {score_thresh}: must be at least 0 and below 1")
-
-
 def validate_args(args):
-    check_score_thresh(args.score_thresh)
+    utils.check_score_thresh(args.score_thresh)
     if args.batch_size < 1 or args.print_freq < 1:
-        raise UsageError("--batch-size and --print-freq must be at least 1")
+        raise utils.UserInputError("--batch-size and --print-freq must be at least 1")
     utils.check_device(args.device)
 
 
@@ -285,11 +234,12 @@ def main(args):
     images = find_images(args.inputs, args.output_dir)
     if not images:
         extensions = " ".join(sorted(IMAGE_EXTENSIONS))
-        raise UsageError(f"no image found in {' '.join(args.inputs)} (extensions: {extensions})")
+        raise utils.UserInputError(f"no image found in {' '.join(args.inputs)} (extensions: {extensions})")
     check_output_dir_holds_no_input(args.output_dir, args.inputs)
     check_no_foreign_file_replaced(args.output_dir, [picture_name for _, picture_name in images])
     utils.prepare_output_dir(args.output_dir)
-    model, model_name, class_names = load_detector(args.model, args.weights, args.device)
+    model, model_name, class_names = models.load_detector(args.weights, args.model)
+    model.to(args.device)
     if models.prefers_channels_last(model_name, args.device, training=False):
         model.to(memory_format=torch.channels_last)
     model.score_thresh = args.score_thresh
@@ -303,7 +253,7 @@ def main(args):
                        "images": records}
             utils.write_text_atomic(os.path.join(args.output_dir, SUMMARY_NAME), json.dumps(summary, indent=1))
     if not records:
-        raise UsageError(f"none of the {len(images)} input images could be read")
+        raise utils.UserInputError(f"none of the {len(images)} input images could be read")
     total = sum(len(record["detections"]) for record in records)
     print(f"{total} detections in {len(records)} images; pictures and detections.json in {args.output_dir}")
 
@@ -311,7 +261,7 @@ def main(args):
 if __name__ == "__main__":
     try:
         main(get_args_parser().parse_args())
-    except (UsageError, models.WeightsError, utils.UserInputError) as error:
+    except (utils.UserInputError, models.WeightsError) as error:
         sys.exit(f"predict.py: {error}")
     except KeyboardInterrupt:
         print("predict.py: interrupted; detections.json lists the pictures written so far", file=sys.stderr)

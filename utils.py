@@ -403,6 +403,11 @@ def check_device(spec, flag="--device"):
     return device
 
 
+def check_score_thresh(score_thresh, flag="--score-thresh"):
+    if not 0.0 <= score_thresh < 1.0:
+        raise UserInputError(f"{flag} {score_thresh}: must be at least 0 and below 1")
+
+
 def _nearest_existing(path):
     path = os.path.abspath(path)
     while not os.path.exists(path):

@@ -4,20 +4,16 @@ import torch
 
 from .ssd import SSD, ssd300_vgg16
 from .ssdlite import ssdlite320_mobilenet_v3_large
-from .weights import WeightsError, class_names, load_checkpoint_file, load_model_state
+from .weights import WeightsError, class_names, load_checkpoint_file, load_model_state, read_weights_metadata
 
 _BUILDERS = {
     "ssd300_vgg16": ssd300_vgg16,
     "ssdlite320_mobilenet_v3_large": ssdlite320_mobilenet_v3_large,
 }
 
-# channels_last against the default layout, measured A/B on the models as our scripts run them.
-# CPU (2-core AVX2, oneDNN kernels): inference is faster for both models (SSDlite 1.1-1.2x, SSD300 1.15-1.25x at
-# batch 1-8); a training step is faster for SSDlite (1.2x at batch 4, 1.7x at batch 16: the depthwise kernels
-# prefer NHWC) but slower for SSD300 (0.76x: the backward pass of its dense 3x3 convolutions is slower in NHWC).
-# CUDA (H200, cuDNN, torch 2.11): SSD300 is faster in NHWC (training step at batch 16 1.26x in float32 with TF32,
-# 1.32x under float16 autocast; inference at batch 8 1.23x / 1.10x); SSDlite is not (training 1.04x, inference
-# 0.78x in float32).
+# Where channels_last was measured faster than the default layout, A/B on the models as our scripts run them (the
+# figures, machines and dates are in docs/performance.md, "Memory format"): on CPU, inference of both models and an
+# SSDlite training step (SSD300's dense 3x3 backward is slower in NHWC there); on CUDA, SSD300 only.
 _CHANNELS_LAST = {  # (device type, training) -> model names
     ("cpu", True): {"ssdlite320_mobilenet_v3_large"},
     ("cpu", False): {"ssd300_vgg16", "ssdlite320_mobilenet_v3_large"},
@@ -26,8 +22,8 @@ _CHANNELS_LAST = {  # (device type, training) -> model names
 }
 
 __all__ = [
-    "SSD", "WeightsError", "class_names", "get_model", "list_models", "load_checkpoint_file", "load_model_state",
-    "prefers_channels_last", *_BUILDERS,
+    "SSD", "WeightsError", "class_names", "get_model", "list_models", "load_checkpoint_file", "load_detector",
+    "load_model_state", "prefers_channels_last", "read_weights_metadata", *_BUILDERS,
 ]
 
 
@@ -56,6 +52,22 @@ def get_model(name: str, *, weights=None, weights_backbone=None, num_classes=Non
         weights=weights, weights_backbone=weights_backbone, num_classes=num_classes,
         trainable_backbone_layers=trainable_backbone_layers, class_names=class_names, **kwargs,
     )
+
+
+def load_detector(weights, model_name=None) -> tuple[SSD, str, dict[int, str]]:
+    """(model in eval mode, model name, {label: class name}) from a checkpoint file or a torchvision weights name,
+    loaded strictly. model_name may be None where the weights say which model they belong to (our checkpoints and
+    torchvision's names do); given, it must agree with them."""
+    saved_model_name, names = read_weights_metadata(weights)
+    if model_name is None:
+        if saved_model_name is None:
+            raise WeightsError(f"{weights} does not say which model it belongs to: name the model (--model)")
+        model_name = saved_model_name
+    elif model_name not in _BUILDERS:
+        raise WeightsError(f"unknown model '{model_name}'; valid names: {', '.join(_BUILDERS)}")
+    elif saved_model_name is not None and saved_model_name != model_name:
+        raise WeightsError(f"model {model_name} does not match weights {weights}, which belong to {saved_model_name}")
+    return get_model(model_name, weights=weights).eval(), model_name, names
 
 
 def prefers_channels_last(name: str, device, training: bool) -> bool:

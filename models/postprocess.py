@@ -4,7 +4,8 @@ Same detections as torchvision's SSD.postprocess_detections, without its Python 
 the candidates of all images and classes are selected at once, and one NMS call per image handles all
 classes. Nothing here calls .item() on data. Under graph capture (torch.jit.trace, or torch.export for
 ONNX) NMS runs as the custom op ssd::nms_mask, a mask over dense [B, C, A] scores that export.py maps onto
-ONNX's NonMaxSuppression, so that the graph holds for any batch size.
+ONNX's NonMaxSuppression, so that the graph holds for any batch size. match_detections, last, pairs two sets of
+detections to tolerances (parity tests, bench.py and export.py's --check).
 """
 import math
 
@@ -206,3 +207,24 @@ def _to_slots(keep: Tensor, image_idx: Tensor, columns, num_images: int, slots: 
         out[image_of_keep, slot] = values
         padded.append(out)
     return tuple(padded)
+
+
+def match_detections(reference, candidate, box_tolerance, score_tolerance):
+    """Greedy one-to-one pairing of candidate detections with reference ones of the same label whose boxes differ by
+    at most box_tolerance pixels (largest coordinate difference) and scores by at most score_tolerance; near-tied
+    scores may come out in another order. Returns (paired count, largest box difference, largest score difference)
+    over the pairs. For checking that two implementations (or an export) give the same detections."""
+    box_difference = (reference["boxes"][:, None] - candidate["boxes"][None]).abs().amax(dim=-1)
+    score_difference = (reference["scores"][:, None] - candidate["scores"][None]).abs()
+    compatible = (reference["labels"][:, None] == candidate["labels"][None]) & (box_difference <= box_tolerance)
+    compatible &= score_difference <= score_tolerance
+    taken = torch.zeros(len(candidate["boxes"]), dtype=torch.bool)
+    worst_box, worst_score = 0.0, 0.0
+    for row in range(len(reference["boxes"])):
+        options = (compatible[row] & ~taken).nonzero().flatten()
+        if len(options):
+            best = options[box_difference[row, options].argmin()]
+            taken[best] = True
+            worst_box = max(worst_box, box_difference[row, best].item())
+            worst_score = max(worst_score, score_difference[row, best].item())
+    return int(taken.sum()), worst_box, worst_score

@@ -94,6 +94,23 @@ def load_weights(spec, torchvision_model: str, num_classes: int | None = None) -
     return Weights(state_dict, str(weights), num_categories, names or None)
 
 
+def read_weights_metadata(spec) -> tuple[str | None, dict[int, str]]:
+    """(model name or None, {label: class name}) recorded with weights `spec`, a checkpoint file or one of
+    torchvision's weights names, read without building a model. A plain state_dict records neither."""
+    if isinstance(spec, os.PathLike) or _looks_like_path(spec):
+        checkpoint = load_checkpoint_file(spec)
+        if not isinstance(checkpoint.get("model"), dict):
+            return None, {}
+        return (checkpoint.get("args") or {}).get("model"), class_names(checkpoint.get("categories"))
+    try:
+        weights = torchvision.models.get_weight(spec)
+    except (ValueError, KeyError):
+        raise WeightsError(f"weights '{spec}' are neither an existing file nor a torchvision weights name") from None
+    # SSD300_VGG16_Weights -> ssd300_vgg16: torchvision names the enum after its builder.
+    model_name = type(weights).__name__.lower().removesuffix("_weights")
+    return model_name, dict(enumerate(weights.meta.get("categories") or []))
+
+
 def _looks_like_path(spec: str) -> bool:
     return os.path.exists(spec) or os.sep in spec or spec.endswith((".pth", ".pt"))
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import export
+import utils
 from conftest import LITE
 from test_predict import CATEGORIES, save_lively_checkpoint
 
@@ -48,5 +49,5 @@ def test_export_round_trip_matches_pytorch(tmp_path, capsys):
 
 
 def test_missing_optional_package_is_named():
-    with pytest.raises(export.UsageError, match="pip install not-a-real-package"):
+    with pytest.raises(utils.UserInputError, match="pip install not-a-real-package"):
         export.require("not_a_real_module", "not-a-real-package")

@@ -3,11 +3,9 @@ layers, which are rebuilt for the new classes with the rows of name-matched clas
 import pytest
 import torch
 import torchvision
-from torch import nn
 
 import models
 from conftest import LITE, assert_ok, run_script, train_args
-from predict import load_detector
 
 COCO_WEIGHTS = "SSDLite320_MobileNet_V3_Large_Weights.COCO_V1"
 # torchvision's COCO names, indexed by label: "__background__" at 0, "N/A" at the unused ids (no download).
@@ -63,9 +61,9 @@ def class_logits(model, images):
 def test_class_names_reads_both_checkpoint_forms(checkpoints):
     assert models.class_names({1: {"id": 7, "name": "dog"}, "2": "cat"}) == {1: "dog", 2: "cat"}
     assert models.class_names(None) == {}
-    # predict.py (and export.py's metadata, which takes its names from load_detector) read the table form.
+    # predict.py and export.py take their names from models.load_detector, which reads the table form.
     for form in ("table", "names"):
-        _, model_name, names = load_detector(None, str(checkpoints[form]))
+        _, model_name, names = models.load_detector(str(checkpoints[form]))
         assert model_name == LITE and names[DOG] == "dog" and names[PERSON] == "person" and len(names) == 80
 
 

@@ -16,9 +16,8 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import boxes as box_ops
 
 import models
-from export import match_detections
 from models.box_coder import match_anchors
-from models.postprocess import first_kept_per_image, postprocess_detections
+from models.postprocess import first_kept_per_image, match_detections, postprocess_detections
 from models.ssd import hard_negatives, vgg16_features
 from models.transform import batch_targets
 
@@ -452,7 +451,7 @@ def assert_detections_match_to_rounding(ours: list[dict], theirs: list[dict], to
     pixel and a score within 1e-4: near-tied scores may swap places when kernels sum in another order."""
     for image, (mine, reference) in enumerate(zip(ours, theirs)):
         best = {key: value[:top] for key, value in mine.items()}
-        matched, worst_box, worst_score = match_detections(reference, best)
+        matched, worst_box, worst_score = match_detections(reference, best, box_tolerance=0.05, score_tolerance=5e-4)
         assert matched == len(best["labels"]), f"image {image}: {len(best['labels']) - matched} detections unpaired"
         assert worst_box < 0.01, f"image {image}: a box moved by {worst_box:.3g} pixels"
         assert worst_score <= 1e-4, f"image {image}: a score moved by {worst_score:.3g}"

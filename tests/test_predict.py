@@ -10,6 +10,7 @@ from torchvision.transforms.functional import pil_to_tensor
 
 import models
 import predict
+import utils
 from conftest import LITE, assert_ok, run_script
 
 CATEGORIES = {1: "circle", 2: "rectangle", 3: "triangle"}
@@ -132,9 +133,9 @@ def test_bad_inputs_give_clear_errors(lively, inputs, tmp_path):
 
     with pytest.raises(models.WeightsError, match="missing.pth"):
         run("--weights", tmp_path / "missing.pth", inputs / "other")
-    with pytest.raises(predict.UsageError, match=f"--model ssd300_vgg16 does not match .*belongs to {LITE}"):
+    with pytest.raises(models.WeightsError, match=f"model ssd300_vgg16 does not match weights .*belong to {LITE}"):
         run("--model", "ssd300_vgg16", "--weights", checkpoint, inputs / "other")
-    with pytest.raises(predict.UsageError, match="no such file or folder"):
+    with pytest.raises(utils.UserInputError, match="no such file or folder"):
         run("--weights", checkpoint, inputs / "nowhere")
-    with pytest.raises(predict.UsageError, match="none of the 1 input images could be read"):
+    with pytest.raises(utils.UserInputError, match="none of the 1 input images could be read"):
         run("--weights", checkpoint, inputs / "photos" / "broken.jpg")
