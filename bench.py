@@ -48,7 +48,8 @@ from models.transform import batch_targets
 
 MODEL_NAMES = ("ssd300_vgg16", "ssdlite320_mobilenet_v3_large")
 SHORT_NAMES = {"ssd300_vgg16": "SSD300", "ssdlite320_mobilenet_v3_large": "SSDlite"}
-POLICIES = {"ssd300_vgg16": "ssd", "ssdlite320_mobilenet_v3_large": "ssdlite"}  # the published recipes' augmentation
+# The augmentation policy of each model's published recipe.
+RECIPE_POLICIES = {"ssd300_vgg16": "ssd", "ssdlite320_mobilenet_v3_large": "ssdlite"}
 ROW_KINDS = ("train", "infer", "postprocess", "loss", "data", "eval")
 TIME_UNITS = ("ms/batch", "s")  # lower is better; every other unit is a throughput
 
@@ -125,7 +126,7 @@ def time_once(fn, device):
     return time.perf_counter() - start, output
 
 
-def compare(fns, sizes, device, warmup=None):
+def time_interleaved(fns, sizes, device, warmup=None):
     """Median seconds of each fn and each fn's last output. Interleaved, rotating which goes first each repeat, so
     drifting machine load hits every side alike; warm-up runs excluded."""
     warmup = sizes.warmup if warmup is None else warmup
@@ -312,8 +313,7 @@ def build_models(name, calibration_images, args):
 
 
 def autocast(args):
-    dtype = torch.float16 if args.device.type == "cuda" else torch.bfloat16
-    return torch.autocast(args.device.type, dtype=dtype, enabled=args.amp)
+    return torch.autocast(args.device.type, dtype=utils.autocast_dtype(args.device.type), enabled=args.amp)
 
 
 def to_device(images, targets, device):
@@ -364,7 +364,7 @@ def train_rows(short, pair, images, targets, args, sizes):
         if flops_per_image is None:  # the same architecture on both sides: counted once, on the smallest batch
             forward_flops = count_flops(lambda: pair.ours(*on_device))
             flops_per_image = (1 + BACKWARD_FLOPS_PER_FORWARD) * forward_flops / batch
-        seconds, _ = compare(steps, sizes, args.device)
+        seconds, _ = time_interleaved(steps, sizes, args.device)
         row = throughput_row(f"{short} training step, batch {batch}", batch, seconds, "img/s",
                              pair.layout_note(training=True))
         rows.append(with_flops(row, flops_per_image, args.peak_gflops))
@@ -395,7 +395,7 @@ def infer_rows(short, pair, images, targets, args, sizes):
         calls = [inference_fn(model, batch_images, args) for model in pair.fresh()]
         if flops_per_image is None:
             flops_per_image = count_flops(calls[0]) / batch
-        seconds, _ = compare(calls, sizes, args.device)
+        seconds, _ = time_interleaved(calls, sizes, args.device)
         row = throughput_row(f"{short} inference end to end, batch {batch}", batch, seconds, "img/s",
                              pair.layout_note(training=False))
         rows.append(with_flops(row, flops_per_image, args.peak_gflops))
@@ -422,7 +422,7 @@ def postprocess_rows(short, pair, images, targets, args, sizes):
     calls = [lambda: our_postprocess(ours, outputs, anchors[0]),
              lambda: theirs.postprocess_detections(outputs, anchors, image_sizes)]
     with torch.inference_mode():
-        seconds, detections = compare(calls, sizes, args.device)
+        seconds, detections = time_interleaved(calls, sizes, args.device)
     note = f"{candidates:.0f} candidates/image; {same_detections(*detections)}"
     return [make_row(f"{short} post-processing, batch {batch}", 1000 * seconds[0], 1000 * seconds[1], "ms/batch",
                      note=note)]
@@ -457,7 +457,7 @@ def loss_rows(short, pair, images, targets, args, sizes):
     outputs = {k: v.requires_grad_() for k, v in outputs.items()}
     calls = [lambda: ours.compute_loss(outputs, anchors[0], *batch_targets(resized_targets)),
              lambda: torchvision_loss(theirs, resized_targets, outputs, anchors)]
-    seconds, losses = compare(calls, sizes, args.device)
+    seconds, losses = time_interleaved(calls, sizes, args.device)
     difference = max(abs(losses[0][k].item() / losses[1][k].item() - 1) for k in losses[1])
     note = "same losses" if difference < 1e-4 else f"WARNING: losses differ by {difference:.1e} relative"
     return [make_row(f"{short} loss, batch {batch}", 1000 * seconds[0], 1000 * seconds[1], "ms/batch", note=note)]
@@ -514,7 +514,7 @@ def data_rows(root, policy, sizes, device):
         # Persistent workers: each timed pass is a steady-state epoch, not process start-up.
         loaders = [torch.utils.data.DataLoader(d, batch_size=4, num_workers=workers, collate_fn=utils.collate_fn,
                                                persistent_workers=workers > 0) for d in datasets]
-        seconds, _ = compare([epoch_fn(loader) for loader in loaders], sizes, device)
+        seconds, _ = time_interleaved([epoch_fn(loader) for loader in loaders], sizes, device)
         rows.append(make_row(f"data loading, {policy} policy, {workers} workers",
                              len(datasets[0]) / seconds[0], len(datasets[1]) / seconds[1], "samples/s",
                              note="ours v1 (uint8 out) vs torchvision v2 (float out)"))
@@ -616,7 +616,7 @@ def eval_rows(sizes, device):
              our_evaluation_fn(coco_gt, detections, "faster-coco-eval"),
              torchvision_evaluation_fn(coco_gt, detections)]
     # No warm-up: nothing is compiled or cached, and one pycocotools pass of 5,000 images takes a minute.
-    (pycocotools_s, faster_s, torchvision_s), stats = compare(flows, sizes, device, warmup=0)
+    (pycocotools_s, faster_s, torchvision_s), stats = time_interleaved(flows, sizes, device, warmup=0)
     difference = max(abs(a - b) for ours in stats[:2] for a, b in zip(ours, stats[2]))
     check = "same 12 stats" if difference < 1e-9 else f"WARNING: stats differ by {difference:.2g}"
     name = f"COCO eval, {sizes.eval_images} images x {sizes.detections_per_image} detections"
@@ -740,8 +740,8 @@ def model_and_data_rows(root, args, sizes):
             log(f"{short}: {kind}")
             rows += ROW_FUNCTIONS[kind](SHORT_NAMES[name], pair, images, targets, args, sizes)
     for name in args.model if "data" in args.rows else []:
-        log(f"data loading, {POLICIES[name]} policy")
-        rows += data_rows(root, POLICIES[name], sizes, args.device)
+        log(f"data loading, {RECIPE_POLICIES[name]} policy")
+        rows += data_rows(root, RECIPE_POLICIES[name], sizes, args.device)
     return rows
 
 

@@ -49,7 +49,7 @@ class DatasetError(ValueError):
     """Bad dataset input; the message is one line naming the file (and image id where there is one)."""
 
 
-def _one_line(text, limit=200):
+def _shorten(text, limit=200):
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -99,7 +99,7 @@ def _check_coco_dict(data, ann_file):
     for image in data["images"]:
         image_id = image.get("id") if isinstance(image, dict) else None
         if not isinstance(image_id, int) or image_id in image_ids:
-            raise DatasetError(f"{ann_file}: image entry {_one_line(repr(image), 80)} needs a unique integer id")
+            raise DatasetError(f"{ann_file}: image entry {_shorten(repr(image), 80)} needs a unique integer id")
         if not isinstance(image.get("file_name"), str):
             raise DatasetError(f'{ann_file}: image id {image_id} has no "file_name"')
         width, height = image.get("width"), image.get("height")
@@ -112,7 +112,7 @@ def _check_coco_dict(data, ann_file):
         category_id = category.get("id") if isinstance(category, dict) else None
         if not _is_category_id(category_id) or category_id in category_ids:
             raise DatasetError(
-                f"{ann_file}: category entry {_one_line(repr(category), 80)} needs a unique integer id "
+                f"{ann_file}: category entry {_shorten(repr(category), 80)} needs a unique integer id "
                 "from 0 to 2^63 - 1"
             )
         category.setdefault("name", str(category_id))
@@ -124,7 +124,7 @@ def _check_coco_dict(data, ann_file):
     for ann in data["annotations"]:
         ann_id = ann.get("id") if isinstance(ann, dict) else None
         if not isinstance(ann_id, int) or ann_id in annotation_ids:
-            raise DatasetError(f"{ann_file}: annotation {_one_line(repr(ann), 80)} needs a unique integer id")
+            raise DatasetError(f"{ann_file}: annotation {_shorten(repr(ann), 80)} needs a unique integer id")
         annotation_ids.add(ann_id)
         image_id = ann.get("image_id")
         if image_id not in image_ids:
@@ -133,7 +133,7 @@ def _check_coco_dict(data, ann_file):
         bbox = ann.get("bbox")
         problem = _bbox_problem(bbox)
         if problem:
-            raise DatasetError(f"{where}: bbox {problem}, got {_one_line(repr(bbox), 80)}")
+            raise DatasetError(f"{where}: bbox {problem}, got {_shorten(repr(bbox), 80)}")
         if ann.get("category_id") not in category_ids:
             raise DatasetError(f'{where}: category id {ann.get("category_id")!r} is not in "categories"')
         ann.setdefault("iscrowd", 0)
@@ -314,7 +314,7 @@ def load_rgb_image(path, image_id=None):
             return _to_rgb(image)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         which = f" id {image_id}" if image_id is not None else ""
-        raise DatasetError(f"{path}: cannot decode image{which}: {_one_line(e)}") from None
+        raise DatasetError(f"{path}: cannot decode image{which}: {_shorten(e)}") from None
 
 
 class CocoDetection(torch.utils.data.Dataset):
@@ -503,7 +503,7 @@ def _voc_number(element, tag, where):
     except ValueError:
         value = math.nan
     if not math.isfinite(value):
-        raise DatasetError(f"{where}: <{tag}> must be a number, got {_one_line(repr(text), 40)}")
+        raise DatasetError(f"{where}: <{tag}> must be a number, got {_shorten(repr(text), 40)}")
     return value
 
 
@@ -526,11 +526,11 @@ def _read_voc_xml(path, labels, listed_in):
         name = _voc_text(element, "name", f"{path}: object {index}")
         where = f"{path}: object {index} ({name})"
         if name not in labels:
-            raise DatasetError(f"{where}: not one of the {len(labels)} classes ({_one_line(', '.join(labels), 60)}); "
+            raise DatasetError(f"{where}: not one of the {len(labels)} classes ({_shorten(', '.join(labels), 60)}); "
                                "give this dataset's class names with --voc-classes")
         difficult = (element.findtext("difficult") or "0").strip()  # absent means 0, as in the devkit
         if difficult not in ("0", "1"):
-            raise DatasetError(f"{where}: <difficult> must be 0 or 1, got {_one_line(repr(difficult), 40)}")
+            raise DatasetError(f"{where}: <difficult> must be 0 or 1, got {_shorten(repr(difficult), 40)}")
         box = element.find("bndbox")
         if box is None:
             raise DatasetError(f"{where}: missing <bndbox>")
@@ -549,7 +549,7 @@ def _read_voc_list(root, year, name):
         raise DatasetError(f"{path}: image set list not found (VOC split {year}/{name}; "
                            "--train-split and --val-split choose the lists)") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise DatasetError(f"{path}: cannot read image set list: {_one_line(e)}") from None
+        raise DatasetError(f"{path}: cannot read image set list: {_shorten(e)}") from None
 
 
 def _voc_annotation(annotation_id, image_id, label, corners, difficult, ignore_difficult):

@@ -118,7 +118,7 @@ def load_check_batch(paths, size, count=3, seed=0):
     return torch.cat([F.interpolate(image[None], size=size, mode="bilinear", align_corners=False) for image in images])
 
 
-def compare(references, output, batch):
+def check_against_pytorch(references, output, batch):
     """Run the ONNX file with onnxruntime on batch and compare with the PyTorch detections (one dict per image).
 
     Prints one line per image; returns True when every image has the same detections in both.
@@ -190,7 +190,7 @@ def main(args):
     if not any(len(reference["scores"]) for reference in references):
         print("note: no detection above the score threshold on these images, so only empty outputs were compared; "
               "give --check images with objects or a lower --score-thresh for a stronger check")
-    if not compare(references, args.output, batch):
+    if not check_against_pytorch(references, args.output, batch):
         sys.exit(f"export.py: {args.output} does not reproduce the PyTorch detections (see above)")
     print(f"{args.output} reproduces the PyTorch detections on {len(batch)} images")
 

@@ -37,6 +37,7 @@ if __name__ == "__main__":
 import torch
 import torch.utils.data
 
+import coco_eval
 import coco_utils
 import engine
 import models
@@ -105,8 +106,8 @@ def get_args_parser(add_help=True):
     data.add_argument("-j", "--workers", default=4, type=int, help="data loading workers per process")
     data.add_argument("--aspect-ratio-group-factor", default=3, type=int,
                       help="batch images of similar aspect ratio (k bins per side); negative disables")
-    data.add_argument("--data-augmentation", default="hflip", choices=["hflip", "ssd", "ssdlite"])
-    data.add_argument("--backend", default="pil", type=str.lower, choices=["pil", "tensor", "tv_tensor"])
+    data.add_argument("--data-augmentation", default="hflip", choices=presets.POLICIES)
+    data.add_argument("--backend", default="pil", type=str.lower, choices=presets.BACKENDS)
     data.add_argument("--use-v2", action="store_true", help="use torchvision.transforms.v2 and tv_tensors")
     data.add_argument("--allow-image-paths-outside-folder", action="store_true",
                       help="accept annotation file_names that are absolute or contain '..' (refused by default: "
@@ -172,7 +173,7 @@ def get_args_parser(add_help=True):
                      help="also log losses, lr and AP to OUTPUT_DIR/tensorboard (needs: pip install tensorboard)")
     run.add_argument("--eval-freq", default=1, type=int, help="evaluate every N epochs and after the last")
     run.add_argument("--eval-batch-size", default=8, type=int, help="images per process during evaluation")
-    run.add_argument("--coco-backend", default="pycocotools", choices=["pycocotools", "faster-coco-eval"])
+    run.add_argument("--coco-backend", default="pycocotools", choices=coco_eval.BACKENDS)
     run.add_argument("--world-size", default=1, type=int, help="number of processes (set by torchrun)")
     run.add_argument("--dist-url", default="env://", help="url used to set up distributed training")
     return parser
@@ -419,9 +420,8 @@ def amp_setup(args, device):
     """(autocast dtype or None, GradScaler or None): float16 with loss scaling on CUDA, bfloat16 on CPU."""
     if not args.amp:
         return None, None
-    if device.type == "cuda":
-        return torch.float16, torch.amp.GradScaler("cuda")
-    return torch.bfloat16, None
+    dtype = utils.autocast_dtype(device.type)
+    return dtype, torch.amp.GradScaler("cuda") if device.type == "cuda" else None
 
 
 def checkpoint_args(args):

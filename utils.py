@@ -116,10 +116,6 @@ class MetricLogger:
     def __str__(self):
         return self.delimiter.join(f"{name}: {meter}" for name, meter in self.meters.items())
 
-    def synchronize_between_processes(self):
-        for meter in self.meters.values():
-            meter.synchronize_between_processes()
-
     def add_meter(self, name, meter):
         self.meters[name] = meter
 
@@ -586,6 +582,11 @@ def tensorboard_writer_class():
 
 
 # ----------------------------------------------------------------------------------------------------- RNG
+
+
+def autocast_dtype(device_type):
+    """The --amp autocast dtype: float16 on CUDA (with loss scaling), bfloat16 elsewhere (CPU autocast's own)."""
+    return torch.float16 if device_type == "cuda" else torch.bfloat16
 
 
 def seed_everything(seed):

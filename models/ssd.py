@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn, Tensor
 
 from .anchors import DefaultBoxes
-from .box_coder import encode, match_anchors
+from .box_coder import encode
+from .matcher import match_anchors
 from .postprocess import postprocess_detections
 from .transform import (
     batch_targets, check_images, check_targets, find_bad_box, normalize_and_resize, scale_boxes,

@@ -16,7 +16,7 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import boxes as box_ops
 
 import models
-from models.box_coder import match_anchors
+from models.matcher import match_anchors
 from models.postprocess import first_kept_per_image, match_detections, postprocess_detections
 from models.ssd import hard_negatives, vgg16_features
 from models.transform import batch_targets
