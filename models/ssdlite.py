@@ -9,9 +9,8 @@ from torchvision.models import mobilenet_v3_large
 from torchvision.ops.misc import Conv2dNormActivation
 
 from .anchors import DefaultBoxes
-from .ssd import (
-    SSD, SSDHead, check_options, freeze_stages, load_planned_weights, model_weights, resolve_trainable_layers,
-)
+from .builders import check_options, freeze_stages, load_planned_weights, plan_weights, resolve_trainable_layers
+from .ssd import SSD, SSDHead
 from .weights import load_model_state, load_weights
 
 # BatchNorm settings of the SSDlite paper's TensorFlow setup.
@@ -86,12 +85,12 @@ def ssdlite320_mobilenet_v3_large(
     it replaces weights_backbone ("MobileNet_V3_Large_Weights.IMAGENET1K_V1" or a local MobileNetV3 file).
     Without backbone weights the backbone has the paper's "reduced tail" (half-width C4/C5 blocks), as the
     released COCO weights do. class_names ({label: name}): fine-tune weights made for other classes to
-    these (see models.ssd.model_weights). options: see SSD_OPTIONS.
+    these (see models.builders.plan_weights). options: see models.builders.SSD_OPTIONS.
     """
     check_options("ssdlite320_mobilenet_v3_large", options)
     anchor_generator = DefaultBoxes([[2, 3]] * 6, min_ratio=0.2, max_ratio=0.95)
     num_anchors = anchor_generator.num_anchors_per_location()
-    plan = model_weights(
+    plan = plan_weights(
         weights, "ssdlite320_mobilenet_v3_large", num_classes, class_names,
         "head.classification_head.module_list.0.1.weight", num_anchors[0],
     )
