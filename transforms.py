@@ -19,7 +19,6 @@ Differences from the references, all deliberate:
 
 import numpy as np
 import torch
-import torchvision.transforms.functional as F
 from PIL import Image
 from torch import nn
 
@@ -46,20 +45,6 @@ def _to_float32(image):
 def _from_float(x, dtype):
     """Back to the image's dtype; values are already clamped to its range, and the cast truncates like torch's."""
     return torch.from_numpy(x.numpy().astype(np.uint8)) if dtype == torch.uint8 else x.to(dtype)
-
-
-def _float_kernel(kernel):
-    """Public form of a colour kernel: any image dtype in, the same dtype out. The kernels themselves work on a
-    float32 copy holding values in the image's own range (0-255 for uint8), so RandomPhotometricDistort converts
-    once for all its steps; a single step on a uint8 image gives exactly torchvision's tensor kernel result."""
-
-    def adjust(image, factor):
-        integer = image.dtype == torch.uint8
-        return _from_float(kernel(_to_float32(image), factor, integer), image.dtype)
-
-    adjust.__name__ = kernel.__name__.strip("_")
-    adjust.__doc__ = kernel.__doc__
-    return adjust
 
 
 def _grayscale(x, integer):
@@ -108,12 +93,6 @@ def _hue(x, factor, integer):
         k.sub_(torch.floor(k / 6).mul_(6))
         torch.addcmul(maxc, chroma, torch.minimum(k, 4 - k).clamp_(0, 1), value=-1, out=channel)
     return out
-
-
-adjust_brightness = _float_kernel(_brightness_)
-adjust_contrast = _float_kernel(_contrast_)
-adjust_saturation = _float_kernel(_saturation_)
-adjust_hue = _float_kernel(_hue)
 
 
 def _paste_window(image, left, top, width, height, fill):
@@ -204,23 +183,6 @@ class PILToTensor(nn.Module):
 
     def forward(self, image, target=None):
         return _as_tensor(image), target
-
-
-class ToDtype(nn.Module):
-    def __init__(self, dtype, scale=False):
-        super().__init__()
-        self.dtype = dtype
-        self.scale = scale
-
-    def forward(self, image, target=None):
-        image = _as_tensor(image)
-        if not self.scale:
-            image = image.to(self.dtype)
-        elif image.dtype == torch.uint8 and self.dtype == torch.float32:
-            image = _to_float32(image).div_(255).to(self.dtype)  # as convert_image_dtype, much faster
-        else:
-            image = F.convert_image_dtype(image, self.dtype)
-        return image, target
 
 
 class RandomPhotometricDistort(nn.Module):
