@@ -213,7 +213,6 @@ def validate_args(args):
         raise ConfigError("--resume already restores the model; drop --weights")
     if args.keep_checkpoints is not None and args.keep_checkpoints < 1:
         raise ConfigError(f"--keep-checkpoints must be at least 1, got {args.keep_checkpoints}")
-    args.test_only = args.test_only or args.format_only
     for flag, needs_output in (("--resume auto", args.resume == AUTO_RESUME), ("--format-only", args.format_only),
                                ("--tensorboard", args.tensorboard)):
         if needs_output and not args.output_dir:
@@ -224,9 +223,14 @@ def validate_args(args):
         print("warning: --amp on CPU uses bfloat16 autocast, which is emulated (several times slower) "
               "on CPUs without AVX512-BF16/AMX", file=sys.stderr)
     validate_voc_args(args)
+    utils.check_device(args.device)
+
+
+def fill_in_implied_flags(args):
+    """Flags whose value follows from others: --format-only is a --test-only, and --data-path defaults by dataset."""
+    args.test_only = args.test_only or args.format_only
     if args.data_path is None:
         args.data_path = DEFAULT_DATA_PATHS[args.dataset]
-    utils.check_device(args.device)
 
 
 def voc_splits(args, is_train):
@@ -691,6 +695,7 @@ def restore_training_state(args, checkpoint, optimizer, lr_scheduler, scaler):
 
 def main(args):
     utils.install_stop_handlers()
+    fill_in_implied_flags(args)
     validate_args(args)
     summary_writer_class = utils.tensorboard_writer_class() if args.tensorboard else None
     utils.init_distributed_mode(args)
