@@ -707,6 +707,7 @@ def main(args):
         # A job requeued after its last epoch was saved: it has done its work, which is not an error.
         print(f"--resume auto: {args.resume} already holds the last epoch ({resume_checkpoint['epoch']}) of "
               f"--epochs {args.epochs}: nothing left to train")
+        utils.finish_distributed()
         return
     output_lock = take_output_dir(args) if args.output_dir and utils.is_main_process() else None
     device = torch.device(args.device)
@@ -744,6 +745,7 @@ def main(args):
         metrics = None if args.format_only else engine.evaluate_detections(evaluator)
         if args.output_dir and utils.is_main_process():
             write_evaluation_files(args, dataset_test, evaluator, metrics)
+        utils.finish_distributed()
         return
 
     data_loader, train_sampler = build_train_loader(dataset, args)
@@ -791,6 +793,7 @@ def main(args):
     if tensorboard is not None:
         tensorboard.close()
 
+    utils.finish_distributed()
     total_time = str(datetime.timedelta(seconds=int(time.time() - start_time)))
     print(f"Training time {total_time}")
     del output_lock  # held until here: the whole run

@@ -181,6 +181,15 @@ def barrier():
         dist.barrier()
 
 
+def finish_distributed():
+    """Wait for every process (rank 0 may still be writing files) and leave the process group. A process that
+    exits while another still uses the group can be aborted in gloo's teardown ("terminate called without an
+    active exception"), which torchrun then reports as a failed run."""
+    if is_dist_avail_and_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def all_gather(data):
     """Gather any picklable object from every process; returns a list with one entry per rank."""
     if get_world_size() == 1:
