@@ -340,7 +340,7 @@ def choose_seed(args, resume_checkpoint):
     saved_seed = (resume_checkpoint or {}).get("args", {}).get("seed")
     if saved_seed is not None:
         return saved_seed
-    seed = utils.all_gather(secrets.randbelow(2**31))[0]
+    seed = utils.broadcast_object(secrets.randbelow(2**31))
     print(f"No --seed given: seeding with {seed} (pass --seed {seed} to repeat this run)")
     return seed
 
@@ -500,8 +500,8 @@ def check_output_dir(args):
     """Refuse a folder holding another run's files: training writes there only to continue the run it holds
     (--resume of a checkpoint in that folder). --test-only writes its own result files next to a checkpoint."""
     run_files = sorted(name for name in os.listdir(args.output_dir) if RUN_FILE_PATTERN.fullmatch(name))
-    resuming_this_run = bool(args.resume) and is_same_folder(os.path.dirname(os.path.abspath(args.resume)),
-                                                             args.output_dir)
+    resuming_this_run = bool(args.resume) and utils.same_file(os.path.dirname(os.path.abspath(args.resume)),
+                                                              args.output_dir)
     if args.test_only or not run_files or resuming_this_run:
         return
     existing = os.path.join(args.output_dir, CHECKPOINT_NAME)
@@ -512,10 +512,6 @@ def check_output_dir(args):
     resuming = f" (--resume {args.resume} is another run's checkpoint)" if args.resume else ""
     raise ConfigError(f"--output-dir {args.output_dir} holds another run's files ({shown}){resuming}: "
                       "choose an empty or new --output-dir")
-
-
-def is_same_folder(a, b):
-    return os.path.realpath(a) == os.path.realpath(b)
 
 
 def take_output_dir(args):

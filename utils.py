@@ -447,7 +447,7 @@ def check_output_file(path, flag="--output"):
 
 
 def same_file(a, b):
-    """Whether paths a and b name one file (through links too); False when either does not exist."""
+    """Whether paths a and b name one file or folder (through links too); False when either does not exist."""
     try:
         return os.path.samefile(a, b)
     except OSError:
