@@ -40,6 +40,7 @@ from torchvision.ops import box_iou
 
 import coco_eval
 import coco_utils
+import engine
 import models
 import presets
 import utils
@@ -106,6 +107,9 @@ def get_args_parser():
                         help="a COCO-layout folder (train2017/, annotations/instances_train2017.json) to read "
                              "images from instead of generated COCO-like JPEGs")
     parser.add_argument("--json", default=None, help="save machine info, versions and every figure to this file")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="also print torch.profiler's N most expensive operators (self time) of one training "
+                             "step and one inference batch of each side, and the convolutions' share of the time")
     return parser
 
 
@@ -360,7 +364,9 @@ def train_rows(short, pair, images, targets, args, sizes):
     flops_per_image = None
     for batch in sizes.train_batches:
         on_device = to_device(images[:batch], targets[:batch], args.device)
-        steps = [train_step_fn(model, *on_device, args) for model in pair.fresh(training=True)]
+        ours, theirs = pair.fresh(training=True)
+        steps = [train_step_fn(ours, our_optimizer(ours), *on_device, args),
+                 train_step_fn(theirs, torchvision_optimizer(theirs), *on_device, args)]
         if flops_per_image is None:  # the same architecture on both sides: counted once, on the smallest batch
             forward_flops = count_flops(lambda: pair.ours(*on_device))
             flops_per_image = (1 + BACKWARD_FLOPS_PER_FORWARD) * forward_flops / batch
@@ -371,10 +377,18 @@ def train_rows(short, pair, images, targets, args, sizes):
     return rows
 
 
-def train_step_fn(model, images, targets, args):
-    """One step as train.py takes it: forward, loss, backward, SGD (with GradScaler under CUDA AMP)."""
+def our_optimizer(model):
+    return engine.build_optimizer(model, "sgd", lr=1e-4, momentum=0.9, weight_decay=5e-4)
+
+
+def torchvision_optimizer(model):
+    """As torchvision's reference train.py builds it: PyTorch's defaults otherwise."""
+    return torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, weight_decay=5e-4)
+
+
+def train_step_fn(model, optimizer, images, targets, args):
+    """One step as train.py takes it: forward, loss, backward, optimizer step (with GradScaler under CUDA AMP)."""
     model.train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, weight_decay=5e-4)
     scaler = torch.amp.GradScaler(args.device.type, enabled=args.amp and args.device.type == "cuda")
 
     def step():
@@ -472,6 +486,55 @@ def torchvision_loss(model, targets, outputs, anchors):
         else:
             matched_idxs.append(model.proposal_matcher(box_iou(target["boxes"], anchors_per_image)))
     return model.compute_loss(targets, outputs, anchors, matched_idxs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Profiles: where the time of a training step and of an inference batch goes
+
+
+def profile_reports(short, pair, images, targets, args, sizes):
+    """--profile: one training step and one inference batch of each side, as the timed rows run them."""
+    batch = sizes.train_batches[0]
+    on_device = to_device(images[:batch], targets[:batch], args.device)
+    ours, theirs = pair.fresh(training=True)
+    works = {f"{short} training step, batch {batch}, ours": train_step_fn(ours, our_optimizer(ours), *on_device, args),
+             f"{short} training step, batch {batch}, torchvision":
+                 train_step_fn(theirs, torchvision_optimizer(theirs), *on_device, args)}
+    batch = max(sizes.infer_batches)
+    batch_images = [image.to(args.device) for image in images[:batch]]
+    reports = [profile_report(title, work, args) for title, work in works.items()]
+    for side, model in zip(("ours", "torchvision"), pair.fresh()):
+        reports.append(profile_report(f"{short} inference end to end, batch {batch}, {side}",
+                                      inference_fn(model, batch_images, args), args))
+    return reports
+
+
+def profile_report(title, work, args):
+    """One warm-up call, then one profiled call: its top operators by self time (the time inside an operator
+    minus its children's, so the column adds up to the total) and the convolutions' share of it."""
+    work()
+    synchronize(args.device)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if args.device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profiler:
+        work()
+        synchronize(args.device)
+    events = profiler.key_averages()
+    if args.device.type == "cuda":  # kernels and the operators launching them both carry device time: no shares
+        table = events.table(sort_by="self_device_time_total", row_limit=args.profile, max_name_column_width=48)
+        return f"## profile: {title}\n{table}"
+    total = sum(event.self_cpu_time_total for event in events)
+    convolution = sum(event.self_cpu_time_total for event in events if is_convolution(event.key))
+    table = events.table(sort_by="self_cpu_time_total", row_limit=args.profile, max_name_column_width=48)
+    return (f"## profile: {title}\n# convolutions (forward and backward kernels): {100 * convolution / total:.1f}% "
+            f"of {total / 1e3:.1f} ms CPU self time\n{table}")
+
+
+def is_convolution(operator):
+    """Whether a profiler key is a convolution kernel (oneDNN or PyTorch's own CPU path) or its backward;
+    the aten::convolution / aten::_convolution dispatchers have children and no self time to speak of."""
+    return "conv" in operator.lower() and operator not in ("aten::convolution", "aten::_convolution")
 
 
 ROW_FUNCTIONS = {"train": train_rows, "infer": infer_rows, "postprocess": postprocess_rows, "loss": loss_rows}
@@ -697,7 +760,7 @@ def main(args):
         log("measuring the float32 matmul peak")
         info["peak_gflops"] = args.peak_gflops = measured_peak_gflops(args.device, sizes.peak_matmul_size)
     started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-    rows = []
+    rows, profiles = [], []
     with tempfile.TemporaryDirectory() as tmp:
         if set(args.rows) - {"eval"}:
             if args.data_path:
@@ -706,7 +769,9 @@ def main(args):
                 count = max(sizes.data_images, sizes.largest_batch())
                 log(f"writing {count} COCO-like JPEGs")
                 root = write_coco_like_images(Path(tmp) / "coco", count)
-            rows += model_and_data_rows(root, args, sizes)
+            model_and_data = model_and_data_rows(root, args, sizes)
+            rows += model_and_data[0]
+            profiles += model_and_data[1]
     if "eval" in args.rows:
         log("COCO evaluation")
         rows += eval_rows(sizes, args.device)
@@ -720,6 +785,8 @@ def main(args):
               f"{sizes.peak_matmul_size}x{sizes.peak_matmul_size} matrices); training and inference rows show the "
               "GFLOP/s each side achieves, from FlopCounterMode's count of the model's FLOPs")
     print(format_table(rows))
+    for profile in profiles:
+        print(f"\n{profile}")
     if args.json:
         report = {"date": started, "command": command, "machine": info, "sizes": asdict(sizes),
                   "flags": {"device": str(args.device), "amp": args.amp, "channels_last": args.channels_last},
@@ -728,7 +795,8 @@ def main(args):
 
 
 def model_and_data_rows(root, args, sizes):
-    rows = []
+    """The rows of the model and data kinds asked for, and the --profile reports."""
+    rows, profiles = [], []
     model_kinds = [kind for kind in ROW_FUNCTIONS if kind in args.rows]
     for name in args.model if model_kinds else []:
         short = SHORT_NAMES[name]
@@ -739,10 +807,13 @@ def model_and_data_rows(root, args, sizes):
         for kind in model_kinds:
             log(f"{short}: {kind}")
             rows += ROW_FUNCTIONS[kind](SHORT_NAMES[name], pair, images, targets, args, sizes)
+        if args.profile:
+            log(f"{short}: profiling")
+            profiles += profile_reports(short, pair, images, targets, args, sizes)
     for name in args.model if "data" in args.rows else []:
         log(f"data loading, {RECIPE_POLICIES[name]} policy")
         rows += data_rows(root, RECIPE_POLICIES[name], sizes, args.device)
-    return rows
+    return rows, profiles
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""One training epoch and one evaluation pass (COCO AP, or the VOC devkit's AP on Pascal VOC)."""
+"""The optimizer, one training epoch and one evaluation pass (COCO AP, or the VOC devkit's AP on Pascal VOC)."""
 import math
 import time
 
@@ -19,6 +19,40 @@ def _describe_non_finite(epoch, iteration, loss, loss_dict, targets):
     local_ids = [int(t["image_id"]) for t in targets]
     image_ids = [image_id for rank_ids in utils.all_gather(local_ids) for image_id in rank_ids]
     return f"non-finite loss at epoch {epoch}, iteration {iteration}: {terms}; image ids {image_ids}"
+
+
+OPTIMIZERS = ("sgd", "sgd_nesterov", "adamw")
+
+
+def build_optimizer(model, name, lr, momentum, weight_decay, norm_weight_decay=None):
+    """The optimizer train.py trains with (torchvision's reference choices). norm_weight_decay, when given, is
+    the weight decay of normalisation layers' parameters (the other parameters keep weight_decay)."""
+    if norm_weight_decay is None:
+        param_groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    else:
+        norm_params, other_params = split_normalization_params(model)
+        param_groups = [
+            {"params": norm_params, "weight_decay": norm_weight_decay},
+            {"params": other_params, "weight_decay": weight_decay},
+        ]
+        param_groups = [group for group in param_groups if group["params"]]
+    # foreach: each update operation is one multi-tensor call over all parameters instead of PyTorch's Python loop
+    # over them (its default off CUDA). The same arithmetic: bit-identical updates (tested), less overhead.
+    if name.startswith("sgd"):
+        return torch.optim.SGD(param_groups, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                               nesterov=name == "sgd_nesterov", foreach=True)
+    return torch.optim.AdamW(param_groups, lr=lr, weight_decay=weight_decay, foreach=True)
+
+
+def split_normalization_params(model):
+    """Trainable parameters of normalisation layers vs all the others (torchvision's --norm-weight-decay split)."""
+    norm_types = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.LayerNorm, torch.nn.GroupNorm,
+                  torch.nn.modules.instancenorm._InstanceNorm, torch.nn.LocalResponseNorm)
+    norm_params, other_params = [], []
+    for module in model.modules():
+        params = [p for p in module.parameters(recurse=False) if p.requires_grad]
+        (norm_params if isinstance(module, norm_types) else other_params).extend(params)
+    return norm_params, other_params
 
 
 def train_one_epoch(model, optimizer, data_loader, device, epoch, print_freq, scaler=None, amp_dtype=None,

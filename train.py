@@ -132,7 +132,7 @@ def get_args_parser(add_help=True):
     optim.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     optim.add_argument("-b", "--batch-size", default=2, type=int, help="images per process")
     optim.add_argument("--epochs", default=26, type=int, metavar="N")
-    optim.add_argument("--opt", default="sgd", type=str.lower, choices=["sgd", "sgd_nesterov", "adamw"])
+    optim.add_argument("--opt", default="sgd", type=str.lower, choices=engine.OPTIMIZERS)
     optim.add_argument("--lr", default=0.02, type=float)
     optim.add_argument("--momentum", default=0.9, type=float, metavar="M")
     optim.add_argument("--wd", "--weight-decay", default=1e-4, type=float, metavar="W", dest="weight_decay")
@@ -199,8 +199,6 @@ def validate_args(args):
             raise ConfigError(f"{flag} must be a number >= 0, got {value}")
     if not (math.isfinite(args.lr_gamma) and args.lr_gamma > 0):
         raise ConfigError(f"--lr-gamma must be a positive number, got {args.lr_gamma}")
-    if not args.resume and not args.test_only and args.start_epoch >= args.epochs:
-        raise ConfigError(f"--start-epoch {args.start_epoch} must be below --epochs {args.epochs}")
     min_batch_size = MIN_TRAIN_BATCH_SIZE.get(args.model, 1)
     if not args.test_only and args.batch_size < min_batch_size:
         raise ConfigError(f"--model {args.model} cannot train with --batch-size {args.batch_size}: its BatchNorm "
@@ -385,33 +383,6 @@ def build_eval_loader(dataset, args):
         # Its own generator, so evaluating never consumes the global RNG that exact resume depends on.
         generator=torch.Generator().manual_seed(0),
     )
-
-
-def build_optimizer(model, args):
-    if args.norm_weight_decay is None:
-        param_groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
-    else:
-        norm_params, other_params = split_normalization_params(model)
-        param_groups = [
-            {"params": norm_params, "weight_decay": args.norm_weight_decay},
-            {"params": other_params, "weight_decay": args.weight_decay},
-        ]
-        param_groups = [group for group in param_groups if group["params"]]
-    if args.opt.startswith("sgd"):
-        return torch.optim.SGD(param_groups, lr=args.lr, momentum=args.momentum,
-                               weight_decay=args.weight_decay, nesterov=args.opt == "sgd_nesterov")
-    return torch.optim.AdamW(param_groups, lr=args.lr, weight_decay=args.weight_decay)
-
-
-def split_normalization_params(model):
-    """Trainable parameters of normalisation layers vs all the others (torchvision's --norm-weight-decay split)."""
-    norm_types = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.LayerNorm, torch.nn.GroupNorm,
-                  torch.nn.modules.instancenorm._InstanceNorm, torch.nn.LocalResponseNorm)
-    norm_params, other_params = [], []
-    for module in model.modules():
-        params = [p for p in module.parameters(recurse=False) if p.requires_grad]
-        (norm_params if isinstance(module, norm_types) else other_params).extend(params)
-    return norm_params, other_params
 
 
 def build_lr_scheduler(optimizer, args):
@@ -668,6 +639,16 @@ def write_evaluation_files(args, dataset, evaluator, metrics):
     print(f"wrote {metrics_path}")
 
 
+def check_epochs_left(args):
+    """Training starts below --epochs, whether the start comes from --start-epoch or from --resume."""
+    if args.start_epoch < args.epochs:
+        return
+    if args.resume:
+        raise ConfigError(f"--resume {args.resume} already finished epoch {args.start_epoch - 1}; "
+                          f"--epochs {args.epochs} must be above {args.start_epoch} to train more")
+    raise ConfigError(f"--start-epoch {args.start_epoch} must be below --epochs {args.epochs}")
+
+
 def restore_training_state(args, checkpoint, optimizer, lr_scheduler, scaler):
     try:
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -677,10 +658,6 @@ def restore_training_state(args, checkpoint, optimizer, lr_scheduler, scaler):
     lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
     if scaler is not None and "scaler" in checkpoint:
         scaler.load_state_dict(checkpoint["scaler"])
-    args.start_epoch = checkpoint["epoch"] + 1
-    if args.start_epoch >= args.epochs:
-        raise ConfigError(f"--resume {args.resume} already finished epoch {checkpoint['epoch']}; "
-                          f"--epochs {args.epochs} must be above {checkpoint['epoch'] + 1} to train more")
     rng_states = checkpoint.get("rng_states") or []
     if len(rng_states) == utils.get_world_size():
         utils.set_rng_state(rng_states[utils.get_rank()])
@@ -698,13 +675,16 @@ def main(args):
     auto_resume = args.resume == AUTO_RESUME
     args.resume = resolve_resume(args)
     resume_checkpoint = load_resume_checkpoint(args) if args.resume else None
-    if auto_resume and resume_checkpoint is not None and not args.test_only \
-            and resume_checkpoint["epoch"] + 1 >= args.epochs:
-        # A job requeued after its last epoch was saved: it has done its work, which is not an error.
-        print(f"--resume auto: {args.resume} already holds the last epoch ({resume_checkpoint['epoch']}) of "
-              f"--epochs {args.epochs}: nothing left to train")
-        utils.finish_distributed()
-        return
+    if resume_checkpoint is not None and not args.test_only:
+        args.start_epoch = resume_checkpoint["epoch"] + 1
+        if auto_resume and args.start_epoch >= args.epochs:
+            # A job requeued after its last epoch was saved: it has done its work, which is not an error.
+            print(f"--resume auto: {args.resume} already holds the last epoch ({resume_checkpoint['epoch']}) of "
+                  f"--epochs {args.epochs}: nothing left to train")
+            utils.finish_distributed()
+            return
+    if not args.test_only:
+        check_epochs_left(args)
     output_lock = take_output_dir(args) if args.output_dir and utils.is_main_process() else None
     device = torch.device(args.device)
     if args.channels_last is None:
@@ -745,7 +725,8 @@ def main(args):
         return
 
     data_loader, train_sampler = build_train_loader(dataset, args)
-    optimizer = build_optimizer(model_without_ddp, args)
+    optimizer = engine.build_optimizer(model_without_ddp, args.opt, args.lr, args.momentum, args.weight_decay,
+                                       args.norm_weight_decay)
     lr_scheduler = build_lr_scheduler(optimizer, args)
     best = None
     if resume_checkpoint is not None:

@@ -2,6 +2,7 @@
 one line. No timing assertions: the figures depend on the machine."""
 import json
 import math
+import re
 
 import pytest
 
@@ -15,7 +16,7 @@ TIME_UNITS = ("ms/batch", "s")
 def quick_run(tmp_path_factory):
     report = tmp_path_factory.mktemp("bench") / "bench.json"
     # SSDlite only: SSD300's VGG16 would take minutes on 2 CPU cores even at the quick sizes.
-    result = run_script("bench.py", "--quick", "--model", LITE, "--json", report, timeout=300)
+    result = run_script("bench.py", "--quick", "--model", LITE, "--json", report, "--profile", 6, timeout=300)
     assert_ok(result)
     return json.loads(report.read_text()), result.stdout
 
@@ -57,6 +58,23 @@ def test_model_rows_report_achieved_gflops_against_the_measured_peak(quick_run):
     assert all("gflops" not in row for row in report["rows"] if row not in model_rows)
 
 
+def test_profiles_show_where_each_side_spends_its_time(quick_run):
+    _, stdout = quick_run
+    sections = stdout.split("\n## profile: ")[1:]
+    titles = [section.splitlines()[0] for section in sections]
+    assert titles == ["SSDlite training step, batch 2, ours", "SSDlite training step, batch 2, torchvision",
+                      "SSDlite inference end to end, batch 2, ours", "SSDlite inference end to end, batch 2, torchvision"]
+    for title, section in zip(titles, sections):
+        share, total = re.search(r"convolutions \(forward and backward kernels\): ([\d.]+)% of ([\d.]+) ms",
+                                 section).groups()
+        assert 10 < float(share) < 100 and float(total) > 0, title
+        top_operators = [line.split()[0] for line in section.splitlines()[5:11]]
+        assert len(top_operators) == 6 and all(name.startswith(("aten::", "torchvision::", "Optimizer"))
+                                               for name in top_operators), section
+        if "training" in title:  # the backward convolutions are among the largest costs of a step
+            assert "aten::convolution_backward" in top_operators, section
+
+
 def test_both_sides_did_the_same_work(quick_run):
     """The rows' own checks: identical detections, losses and COCO stats, and peaked (not random-init) scores."""
     notes = {row["name"]: row["note"] for row in quick_run[0]["rows"]}
@@ -76,7 +94,7 @@ def test_table_lists_every_row(quick_run):
     lines = stdout.splitlines()
     assert lines[0].startswith("# python") and "bench.py --quick" in lines[0]
     header = next(i for i, line in enumerate(lines) if line.startswith("row "))
-    table = lines[header + 2:]
+    table = lines[header + 2:lines.index("", header)]  # the --profile reports follow after a blank line
     assert len(table) == len(report["rows"])
     for line, row in zip(table, report["rows"]):
         cells = [cell.strip() for cell in line.split("|")]

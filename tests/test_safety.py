@@ -281,8 +281,12 @@ STARTUP_CASES = {
     "output_dir_parent_is_a_file": (train_case(output="user.txt/out"), ["user.txt", "is a file"]),
     "folder_of_another_run": (train_case(output="other"), ["other", "model_3.pth", "log.jsonl"]),
     "resume_into_another_runs_folder": (lambda tmp, run: train_case(
-        "--resume", run / "checkpoint.pth", "--lr-scheduler", "cosineannealinglr", output="other")(tmp, run),
+        "--resume", run / "checkpoint.pth", "--lr-scheduler", "cosineannealinglr", "--epochs", 5,
+        output="other")(tmp, run),
                                         ["other", "another run's checkpoint"]),
+    "resume_a_finished_run": (lambda tmp, run: train_case(
+        "--resume", run / "checkpoint.pth", "--lr-scheduler", "cosineannealinglr", output=run)(tmp, run),
+                              ["checkpoint.pth already finished epoch 0", "--epochs 1 must be above 1"]),
     # flags and devices
     "negative_momentum": (train_case("--momentum", -0.9), ["--momentum", "-0.9"]),
     "negative_start_epoch": (train_case("--start-epoch", -2), ["--start-epoch", "-2"]),
