@@ -34,10 +34,10 @@ def load_backend(backend):
     if backend == "faster-coco-eval":
         try:
             import faster_coco_eval
-        except ImportError as error:
-            raise ImportError(
+        except ImportError:
+            raise utils.OptionalDependencyError(
                 "--coco-backend faster-coco-eval needs the faster-coco-eval package: pip install faster-coco-eval"
-            ) from error
+            ) from None
 
         def faster_cocoeval(coco_gt, coco_dt, iouType):
             # print_function=print: its summary table is otherwise sent to a logger and never shown.

@@ -461,12 +461,9 @@ def get_coco(root, image_set, transforms, use_v2=False, *, img_folder=None, ann_
     """
     img_folder, ann_file = split_paths(root, image_set, img_folder, ann_file)
     drop_images_without_boxes = image_set == "train" and not keep_empty_images
-    if use_v2:
-        dataset = _get_coco_v2(img_folder, ann_file, transforms, drop_images_without_boxes, categories, coco,
-                               allow_paths_outside)
-    else:
-        dataset = CocoDetection(img_folder, ann_file, transforms, drop_images_without_boxes, categories, coco,
-                                allow_paths_outside)
+    build_dataset = _get_coco_v2 if use_v2 else CocoDetection  # torchvision's v2 wrapper or our own
+    dataset = build_dataset(img_folder, ann_file, transforms, drop_images_without_boxes, categories, coco,
+                          allow_paths_outside)
     if drop_images_without_boxes and len(dataset) == 0:
         raise DatasetError(f"{ann_file}: no training image has a usable box (non-crowd, positive width and height)")
     return dataset
@@ -615,10 +612,7 @@ def get_voc(root, image_set, transforms, use_v2=False, splits=None, classes=VOC_
     data = _voc_coco_dict(root, splits, classes, difficult)
     _check_coco_dict(data, root)
     coco = _build_coco_api(data)
-    if use_v2:
-        dataset = _get_coco_v2(root, root, transforms, is_train, coco=coco)
-    else:
-        dataset = CocoDetection(root, root, transforms, is_train, coco=coco)
+    dataset = (_get_coco_v2 if use_v2 else CocoDetection)(root, root, transforms, is_train, coco=coco)
     if is_train and len(dataset) == 0:
         raise DatasetError(f"{root}: no training image of {data['info']['description']} has a usable object")
     return dataset

@@ -671,6 +671,7 @@ def main(args):
     fill_in_implied_flags(args)
     validate_args(args)
     summary_writer_class = utils.tensorboard_writer_class() if args.tensorboard else None
+    coco_eval.load_backend(args.coco_backend)  # a missing package fails here, not after the first epoch
     utils.init_distributed_mode(args)
     auto_resume = args.resume == AUTO_RESUME
     args.resume = resolve_resume(args)

@@ -15,9 +15,10 @@ from pycocotools.cocoeval import COCOeval
 from coco_eval import COCO_STAT_NAMES
 from conftest import LITE, assert_ok, run_script, train_args
 
-# Runs train.py with the tensorboard package hidden, so that importing it fails for real.
-WITHOUT_TENSORBOARD = [sys.executable, "-c", "import runpy, sys; sys.modules['tensorboard'] = None; "
-                       "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"]
+def hiding(package):
+    """A launcher that runs a script with `package` hidden, so that importing it fails for real."""
+    return [sys.executable, "-c", f"import runpy, sys; sys.modules[{package!r}] = None; "
+            "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"]
 
 
 def reevaluate(annotation_file, detections_file):
@@ -91,10 +92,14 @@ def test_test_only_writes_detections_and_metrics_that_pycocotools_confirms(train
     assert set(detections[0]) == {"image_id", "category_id", "bbox", "score"}
 
 
-def test_missing_tensorboard_is_one_line(shapes_root, tmp_path):
+@pytest.mark.parametrize("package, flags, message", [
+    ("tensorboard", ["--tensorboard"], "--tensorboard needs the tensorboard package: pip install tensorboard"),
+    ("faster_coco_eval", ["--coco-backend", "faster-coco-eval"],
+     "--coco-backend faster-coco-eval needs the faster-coco-eval package: pip install faster-coco-eval"),
+])
+def test_missing_optional_package_is_one_line_before_anything_runs(package, flags, message, shapes_root, tmp_path):
     output_dir = tmp_path / "out"
-    result = run_script("train.py", *train_args(shapes_root, output_dir, "--tensorboard"),
-                        launcher=WITHOUT_TENSORBOARD)
+    result = run_script("train.py", *train_args(shapes_root, output_dir, *flags), launcher=hiding(package))
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert result.stderr.strip() == "error: --tensorboard needs the tensorboard package: pip install tensorboard"
+    assert result.stderr.strip() == f"error: {message}"
     assert not output_dir.exists()
