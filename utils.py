@@ -52,18 +52,6 @@ class SmoothedValue:
         self.deque.clear()
         self.deque.extend(next(host_values) if isinstance(v, torch.Tensor) else v for v in window)
 
-    def synchronize_between_processes(self):
-        """Sum count and total over all processes (the window stays local)."""
-        if not is_dist_avail_and_initialized():
-            return
-        self._to_host()
-        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-        t = torch.tensor([self.count, self.total], dtype=torch.float64, device=device)
-        dist.barrier()
-        dist.all_reduce(t)
-        self.count = int(t[0].item())
-        self.total = t[1].item()
-
     @property
     def median(self):
         self._to_host()

@@ -221,10 +221,6 @@ def _distributed_worker(rank, port, out_dir, gt_path, predictions):
     args = types.SimpleNamespace(dist_url="env://", device="cpu")
     utils.init_distributed_mode(args)
     reduced = utils.reduce_dict({"b": torch.tensor(10.0 * rank), "a": torch.tensor(rank + 1.0)})
-    meter = utils.SmoothedValue()
-    for value in range(rank * 3, rank * 3 + 3):  # rank 0: 0, 1, 2; rank 1: 3, 4, 5
-        meter.update(torch.tensor(float(value)))
-    meter.synchronize_between_processes()
 
     # What DistributedSampler(shuffle=False) gives each rank for an odd dataset: rank 0 repeats image 0 as padding.
     image_ids = sorted(predictions)
@@ -236,7 +232,7 @@ def _distributed_worker(rank, port, out_dir, gt_path, predictions):
     evaluator.accumulate()
     evaluator.summarize()
     result = {"reduced": {k: v.item() for k, v in reduced.items()}, "gathered": utils.all_gather(rank * 7),
-              "meter": [meter.count, meter.global_avg], "stats": evaluator.stats}
+              "stats": evaluator.stats}
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pth"))
     torch.distributed.destroy_process_group()
 
@@ -252,6 +248,5 @@ def test_two_gloo_processes_reduce_gather_and_evaluate_like_one(tmp_path):
         result = torch.load(tmp_path / f"rank{rank}.pth", weights_only=True)
         assert result["reduced"] == {"a": 1.5, "b": 5.0}
         assert result["gathered"] == [0, 7]
-        assert result["meter"] == [6, 2.5]
         assert result["stats"] == single_process  # padding repeats dropped: exactly the single-process numbers
     assert 0.1 < single_process[0] < 0.9
