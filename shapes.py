@@ -18,8 +18,10 @@ ranks) are safe and a killed generation never leaves a partial dataset behind un
 """
 
 import argparse
+import functools
 import json
 import math
+import multiprocessing
 import os
 import shutil
 import tempfile
@@ -35,6 +37,7 @@ MANIFEST = "shapes_manifest.json"
 GENERATOR_VERSION = 1
 _SPLIT_SEEDS = {"train": 0, "val": 1}
 LAYOUTS = ("coco", "voc")
+MIN_IMAGE_SIDE = 64  # --image-size: room for shapes a few default boxes wide
 VOC_LISTS = {"train": "trainval", "val": "test"}
 DIFFICULT_FRACTION = 0.2  # VOC layout: objects whose longer side is under this fraction of the shorter image side
 
@@ -105,9 +108,12 @@ def _contrasting_colour(rng, image, box):
     return tuple(int(c) for c in colour)
 
 
-def render_sample(rng):
-    """One image and its objects [(category_id, (x0, y0, x1, y1) exclusive, pixel area)]."""
-    width, height = (int(v) for v in rng.integers(128, 321, size=2))
+def render_sample(rng, image_size=None):
+    """One image and its objects [(category_id, (x0, y0, x1, y1) exclusive, pixel area)]; image_size (width,
+    height) fixes the size (default: each side drawn from 128-320 pixels)."""
+    width, height = (int(v) for v in rng.integers(128, 321, size=2))  # drawn either way: the same shapes follow
+    if image_size is not None:
+        width, height = image_size
     image = _background(rng, width, height)
     objects = []
     for _ in range(rng.integers(1, 5)):
@@ -128,18 +134,27 @@ def render_sample(rng):
     return image, objects  # the first placement always succeeds: nothing to overlap yet
 
 
-def _render_split(split, num_images, seed):
-    """(image number 1, 2, ..., image, objects) of each image of the split."""
-    for index in range(num_images):
-        # One generator per image: images do not depend on how many others are generated.
-        yield (index + 1, *render_sample(np.random.default_rng([seed, _SPLIT_SEEDS[split], index])))
+def _render_image(split, seed, image_size, index):
+    # One generator per image: images do not depend on how many others are generated, nor on the worker count.
+    return (index + 1, *render_sample(np.random.default_rng([seed, _SPLIT_SEEDS[split], index]), image_size))
 
 
-def _write_split(root, split, num_images, seed):
+def _render_split(split, num_images, seed, image_size=None, workers=1):
+    """(image number 1, 2, ..., image, objects) of each image of the split, in order, rendered by `workers`
+    processes."""
+    render = functools.partial(_render_image, split, seed, image_size)
+    if workers <= 1:
+        yield from map(render, range(num_images))
+        return
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        yield from pool.imap(render, range(num_images), chunksize=8)
+
+
+def _write_split(root, split, num_images, seed, image_size=None, workers=1):
     folder, ann_path = SPLITS[split]
     os.makedirs(os.path.join(root, folder))
     images, annotations = [], []
-    for image_id, image, objects in _render_split(split, num_images, seed):
+    for image_id, image, objects in _render_split(split, num_images, seed, image_size, workers):
         file_name = f"{image_id:06d}.jpg"
         image.save(os.path.join(root, folder, file_name), quality=92)
         images.append({"id": image_id, "file_name": file_name, "width": image.width, "height": image.height})
@@ -182,13 +197,13 @@ def _voc_annotation(voc_id, image, objects):
     return ElementTree.ElementTree(annotation)
 
 
-def _write_voc_split(root, split, num_images, seed):
+def _write_voc_split(root, split, num_images, seed, image_size=None, workers=1):
     """The split in VOC layout; image ids such as train_000001 keep the splits apart in the one JPEGImages folder."""
     folder = os.path.join(root, "VOC2007")
     for subfolder in ("JPEGImages", "Annotations", os.path.join("ImageSets", "Main")):
         os.makedirs(os.path.join(folder, subfolder), exist_ok=True)
     voc_ids = []
-    for number, image, objects in _render_split(split, num_images, seed):
+    for number, image, objects in _render_split(split, num_images, seed, image_size, workers):
         voc_id = f"{split}_{number:06d}"
         image.save(os.path.join(folder, "JPEGImages", f"{voc_id}.jpg"), quality=92)
         _voc_annotation(voc_id, image, objects).write(os.path.join(folder, "Annotations", f"{voc_id}.xml"))
@@ -208,15 +223,15 @@ def _read_manifest(root):
         raise DatasetError(f"{path}: unreadable shapes manifest ({e}); delete {root} to regenerate it") from None
 
 
-def _generate(root, params):
+def _generate(root, params, workers=1):
     """Build the dataset in a temporary folder beside `root`, then rename it into place atomically."""
     parent = os.path.dirname(root)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(root)}.tmp-", dir=parent)
     write = _write_voc_split if params.get("layout") == "voc" else _write_split
     try:
-        write(tmp, "train", params["num_train"], params["seed"])
-        write(tmp, "val", params["num_val"], params["seed"])
+        write(tmp, "train", params["num_train"], params["seed"], params.get("image_size"), workers)
+        write(tmp, "val", params["num_val"], params["seed"], params.get("image_size"), workers)
         with open(os.path.join(tmp, MANIFEST), "w") as f:  # written last: its presence marks a complete dataset
             json.dump(params, f)
         try:
@@ -230,23 +245,26 @@ def _generate(root, params):
 
 def _describe(params):
     made = ", ".join(f"{k}={params.get(k)}" for k in ("num_train", "num_val", "seed", "version"))
-    return f"{made}, layout={params.get('layout', 'coco')}"
+    return f"{made}, layout={params.get('layout', 'coco')}, image_size={params.get('image_size', 'varied')}"
 
 
-def ensure_shapes_dataset(root, num_train=1000, num_val=200, seed=0, layout="coco"):
-    """Make sure `root` holds the shapes dataset with these parameters (generating it if absent) in the layout
-    "coco" or "voc"; returns root."""
+def ensure_shapes_dataset(root, num_train=1000, num_val=200, seed=0, layout="coco", image_size=None, workers=1):
+    """Make sure `root` holds the shapes dataset with these parameters (generating it if absent, with `workers`
+    processes: the same files whatever their number) in the layout "coco" or "voc", with images of 128-320 pixels
+    a side or all of image_size (width, height); returns root."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     root = os.path.abspath(root)
     params = {"generator": "shapes", "version": GENERATOR_VERSION, "num_train": num_train, "num_val": num_val, "seed": seed}
     if layout != "coco":  # COCO-layout manifests predate the layouts and stay as they were
         params["layout"] = layout
+    if image_size is not None:  # likewise: manifests of varied sizes stay as they were
+        params["image_size"] = [int(v) for v in image_size]
     manifest = _read_manifest(root)
     if manifest is None:
         if os.path.isdir(root) and os.listdir(root):
             raise DatasetError(f"{root}: exists but is not a shapes dataset (no {MANIFEST}); choose another folder")
-        _generate(root, params)
+        _generate(root, params, workers)
         manifest = _read_manifest(root)
     if manifest != params:
         raise DatasetError(f"{root}: holds a shapes dataset made with {_describe(manifest)}, not {_describe(params)}; "
@@ -262,11 +280,19 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="random seed; the content is a function of it")
     parser.add_argument("--format", default="coco", choices=LAYOUTS,
                         help="coco: train2017/, val2017/, annotations/; voc: VOC2007/ with trainval and test lists")
+    parser.add_argument("--image-size", type=int, nargs=2, metavar=("WIDTH", "HEIGHT"), default=None,
+                        help="every image this size, e.g. 640 480 for COCO-sized JPEGs to measure data loading "
+                             "(default: each side 128-320 pixels)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count(),
+                        help="processes drawing the images (default: one per CPU); the files do not depend on it")
     args = parser.parse_args(argv)
     if args.num_train < 1 or args.num_val < 1:
         parser.error("--num-train and --num-val must be at least 1")
+    if args.image_size is not None and min(args.image_size) < MIN_IMAGE_SIDE:
+        parser.error(f"--image-size sides must be at least {MIN_IMAGE_SIDE} pixels, got {args.image_size}")
     try:
-        root = ensure_shapes_dataset(args.output, args.num_train, args.num_val, args.seed, layout=args.format)
+        root = ensure_shapes_dataset(args.output, args.num_train, args.num_val, args.seed, layout=args.format,
+                                     image_size=args.image_size, workers=args.workers)
     except DatasetError as e:
         raise SystemExit(f"error: {e}") from None
     print(f"shapes dataset ready in {root}: {args.num_train} train / {args.num_val} val images, classes {', '.join(CATEGORIES)}")

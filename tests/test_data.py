@@ -1,5 +1,6 @@
 """Tests of coco_utils.py, group_by_aspect_ratio.py and shapes.py on real files written to tmp_path."""
 
+import io
 import json
 import os
 import threading
@@ -337,6 +338,20 @@ def test_shapes_generation_is_deterministic_and_loads_through_get_coco(tmp_path)
         assert (boxes[:, 2] <= image.width).all() and (boxes[:, 3] <= image.height).all()
         box_area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
         assert (target["area"] <= box_area).all() and (target["area"] >= 0.2 * box_area).all()  # filled shapes
+
+
+def test_shapes_of_a_fixed_size_are_the_same_files_whatever_the_number_of_workers(tmp_path):
+    one = read_tree(shapes.ensure_shapes_dataset(tmp_path / "one", num_train=9, num_val=2, image_size=(640, 480)))
+    two = read_tree(shapes.ensure_shapes_dataset(tmp_path / "two", num_train=9, num_val=2, image_size=(640, 480),
+                                                 workers=2))
+    assert one == two and len([name for name in one if name.endswith(".jpg")]) == 11
+    data = json.loads(one["annotations/instances_train2017.json"])
+    assert {(image["width"], image["height"]) for image in data["images"]} == {(640, 480)}
+    assert Image.open(io.BytesIO(one["train2017/000009.jpg"])).size == (640, 480)
+    assert json.loads(one["shapes_manifest.json"])["image_size"] == [640, 480]
+    # The manifest tells the sizes apart: the default (varied) sizes are refused in that folder.
+    with pytest.raises(coco_utils.DatasetError, match="image_size=\\[640, 480\\], not .*image_size=varied"):
+        shapes.ensure_shapes_dataset(tmp_path / "one", num_train=9, num_val=2)
 
 
 def test_shapes_boxes_are_tight():
