@@ -5,7 +5,7 @@ import torch
 import torchvision
 
 import models
-from conftest import LITE, assert_ok, run_script, train_args
+from helpers import LITE, assert_ok, run_script, train_args
 
 COCO_WEIGHTS = "SSDLite320_MobileNet_V3_Large_Weights.COCO_V1"
 # torchvision's COCO names, indexed by label: "__background__" at 0, "N/A" at the unused ids (no download).

@@ -15,7 +15,7 @@ import models
 import presets
 import utils
 from coco_eval import CocoEvaluator
-from conftest import LITE, assert_ok, read_log, run_script
+from helpers import LITE, assert_ok, read_log, run_script
 
 SHAPES = ["circle", "rectangle", "triangle", "star", "cross"]  # shapes' category ids 1..5
 AP_TABLE = re.compile(r"^ Average (?:Precision|Recall) .*$", re.MULTILINE)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import LITE, REPO, assert_ok, read_log, run_script, torchrun, train_args
+from helpers import LITE, REPO, assert_ok, read_log, run_script, torchrun, train_args
 from utils import LOCK_NAME
 
 

@@ -13,7 +13,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from coco_eval import COCO_STAT_NAMES
-from conftest import LITE, assert_ok, run_script, train_args
+from helpers import LITE, assert_ok, run_script, train_args
 
 # Runs train.py with the tensorboard package hidden, so that importing it fails for real.
 WITHOUT_TENSORBOARD = [sys.executable, "-c", "import runpy, sys; sys.modules['tensorboard'] = None; "

@@ -23,7 +23,7 @@ import presets
 import shapes
 import train
 import utils
-from conftest import LITE, REPO, assert_ok, read_log, run_script
+from helpers import LITE, REPO, assert_ok, read_log, run_script
 from models.postprocess import match_detections
 
 # 8 training images at batch 2: four steps per epoch; --eval-freq 2 skips evaluation after epoch 0.
