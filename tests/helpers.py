@@ -1,6 +1,7 @@
 """What several test modules share: running the scripts, the tiny training run's flags, model pairs with
 torchvision's SSD (the oracle) and comparisons of their outputs, a lively checkpoint, the one writer of
-COCO-layout folders, and ground truth with detections for COCO evaluation. Plain functions and constants; the fixtures built on them are in conftest.py."""
+COCO-layout folders, and ground truth with detections for COCO evaluation. Plain functions and constants;
+the fixtures built on them are in conftest.py."""
 import contextlib
 import io
 import json
@@ -196,7 +197,7 @@ THING = ({"id": 1, "name": "thing"},)
 
 
 def write_coco_folder(root, pictures, annotations=(), categories=THING, splits=("train", "val"),
-                      layout=coco_utils.SPLITS, images=None, annotation_text=None):
+                      layout=coco_utils.SPLITS, images=None, top_level=None, annotation_text=None):
     """Write a dataset in COCO's folder layout (or a tool's: layout maps each split to its image folder and
     annotation file, relative to root): each split gets the pictures and an annotation file that lists them.
     Returns {split: (image folder, annotation file)}.
@@ -206,13 +207,15 @@ def write_coco_folder(root, pictures, annotations=(), categories=THING, splits=(
     images: the file's image entries as given; by default one per picture, with ids 1, 2, ... in order and the
       picture's size (an entry may name a file that is not there, or one outside the folder).
     annotations: the annotation entries as given; None leaves the key out, as in an image-info file (test-dev).
+    top_level: other top-level entries, written first, as tools write "info" and "licenses".
     annotation_text: {split: text} written instead of that split's json, for malformed files.
     """
     if images is None:
         sizes = [picture_size(picture) for picture in pictures.values()]
         images = [{"id": n + 1, "file_name": name, "width": width, "height": height}
                   for n, (name, (width, height)) in enumerate(zip(pictures, sizes))]
-    content = {"images": list(images), "annotations": list(annotations or ()), "categories": list(categories)}
+    content = {**(top_level or {}), "images": list(images), "annotations": list(annotations or ()),
+               "categories": list(categories)}
     if annotations is None:
         del content["annotations"]
     paths = {}
