@@ -47,6 +47,7 @@ def torch_home(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="session")
 def coco_folder():
-    """helpers.write_coco_folder, the one writer of COCO-layout folders, for tests and fixtures of any scope
-    (builders in a module's case tables, which run outside any test's arguments, import it from helpers)."""
+    """helpers.write_coco_folder, the one writer of COCO-layout folders, for tests and fixtures of any scope.
+    Module-level builders that tests call without handing it over (test_safety's start-up cases, test_own_data's
+    tool exports) import it from helpers."""
     return write_coco_folder
