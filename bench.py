@@ -300,7 +300,9 @@ def recalibrate_batch_norm(model, images):
 def build_models(name, calibration_images, args):
     """(ours, torchvision's, shared state_dict) with weights whose scores look like a trained model's:
     torchvision's random init, BatchNorm statistics from real images, foreground logits spread like
-    LOGIT_SPREAD, and the background logit raised until about CANDIDATES_PER_IMAGE candidates survive per image."""
+    LOGIT_SPREAD, and the background logit raised until about CANDIDATES_PER_IMAGE candidates survive per image.
+    Unlike the tests' make_realistic (fixed offsets and favoured classes, for exact threshold and NMS checks),
+    this calibrates on images so that post-processing has a trained model's amount of work to time."""
     theirs = torchvision.models.get_model(name, weights=None, weights_backbone=None)
     recalibrate_batch_norm(theirs, calibration_images)
     cls_logits = head_outputs(theirs, calibration_images)[0]["cls_logits"]
@@ -401,7 +403,7 @@ def train_step_fn(model, optimizer, images, targets, args):
     return step
 
 
-def infer_rows(short, pair, images, targets, args, sizes):
+def infer_rows(short, pair, images, args, sizes):
     rows = []
     flops_per_image = None
     for batch in sizes.infer_batches:
@@ -426,8 +428,7 @@ def inference_fn(model, images, args):
     return infer
 
 
-
-def postprocess_rows(short, pair, images, targets, args, sizes):
+def postprocess_rows(short, pair, images, args, sizes):
     """Head outputs to per-image detections in the network's input frame (mapping back excluded)."""
     ours, theirs = pair.fresh()
     batch = sizes.postprocess_batch
@@ -477,15 +478,19 @@ def loss_rows(short, pair, images, targets, args, sizes):
     return [make_row(f"{short} loss, batch {batch}", 1000 * seconds[0], 1000 * seconds[1], "ms/batch", note=note)]
 
 
+def torchvision_matches(model, targets, anchors):
+    """torchvision's SSD.forward matching, image by image: the index of the box each anchor is matched to,
+    negative where none is (everywhere for an image without boxes)."""
+    return [
+        model.proposal_matcher(box_iou(target["boxes"], anchors_per_image)) if target["boxes"].numel()
+        else torch.full((len(anchors_per_image),), -1, dtype=torch.int64, device=anchors_per_image.device)
+        for anchors_per_image, target in zip(anchors, targets)
+    ]
+
+
 def torchvision_loss(model, targets, outputs, anchors):
     """torchvision's SSD.forward from anchors to losses: per-image matching, then compute_loss."""
-    matched_idxs = []
-    for anchors_per_image, target in zip(anchors, targets):
-        if target["boxes"].numel() == 0:
-            matched_idxs.append(torch.full((len(anchors_per_image),), -1, dtype=torch.int64, device=anchors_per_image.device))
-        else:
-            matched_idxs.append(model.proposal_matcher(box_iou(target["boxes"], anchors_per_image)))
-    return model.compute_loss(targets, outputs, anchors, matched_idxs)
+    return model.compute_loss(targets, outputs, anchors, torchvision_matches(model, targets, anchors))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -537,7 +542,7 @@ def is_convolution(operator):
     return "conv" in operator.lower() and operator not in ("aten::convolution", "aten::_convolution")
 
 
-ROW_FUNCTIONS = {"train": train_rows, "infer": infer_rows, "postprocess": postprocess_rows, "loss": loss_rows}
+MODEL_ROW_KINDS = ("train", "infer", "postprocess", "loss")
 
 # ---------------------------------------------------------------------------------------------------------------
 # Row 5: data loading
@@ -797,16 +802,22 @@ def main(args):
 def model_and_data_rows(root, args, sizes):
     """The rows of the model and data kinds asked for, and the --profile reports."""
     rows, profiles = [], []
-    model_kinds = [kind for kind in ROW_FUNCTIONS if kind in args.rows]
+    model_kinds = [kind for kind in MODEL_ROW_KINDS if kind in args.rows]
     for name in args.model if model_kinds else []:
         short = SHORT_NAMES[name]
         log(f"{short}: building both models")
         images, targets = load_samples(root, sizes.largest_batch())
         pair = ModelPair(name, *build_models(name, images[:max(sizes.infer_batches)], args), args.device,
                          args.channels_last)
+        row_makers = {  # inference and post-processing need no targets
+            "train": lambda: train_rows(short, pair, images, targets, args, sizes),
+            "infer": lambda: infer_rows(short, pair, images, args, sizes),
+            "postprocess": lambda: postprocess_rows(short, pair, images, args, sizes),
+            "loss": lambda: loss_rows(short, pair, images, targets, args, sizes),
+        }
         for kind in model_kinds:
             log(f"{short}: {kind}")
-            rows += ROW_FUNCTIONS[kind](SHORT_NAMES[name], pair, images, targets, args, sizes)
+            rows += row_makers[kind]()
         if args.profile:
             log(f"{short}: profiling")
             profiles += profile_reports(short, pair, images, targets, args, sizes)

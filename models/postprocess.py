@@ -8,10 +8,11 @@ ONNX's NonMaxSuppression, so that the graph holds for any batch size.
 
 The two paths and the tests that guard them:
 - eager (training, evaluation, predict.py): select_candidates, then first_kept_per_image (one torchvision nms
-  call per image); tests/test_models.py: test_postprocessing_equals_torchvision_per_class_loop,
-  test_eval_detections_equal_torchvision, test_nms_gives_the_full_nms_prefix_whatever_the_survival_rate;
+  call per image); tests/test_postprocess.py: test_postprocessing_equals_torchvision_per_class_loop,
+  test_nms_gives_the_full_nms_prefix_whatever_the_survival_rate; tests/test_inference_parity.py:
+  test_eval_detections_equal_torchvision;
 - graph capture (torch.jit.trace, torch.export for export.py, torch.compile): select_candidates, then nms_mask
-  over dense scores; tests/test_models.py: test_detect_can_be_traced, tests/test_export.py:
+  over dense scores; tests/test_postprocess.py: test_detect_can_be_traced, tests/test_export.py:
   test_export_round_trip_matches_pytorch (onnxruntime against the eager path).
 Both end in _to_slots (fixed-size [B, K] outputs).
 match_detections, last, pairs two sets of detections to tolerances (parity tests, bench.py, export.py --check).

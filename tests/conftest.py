@@ -1,47 +1,9 @@
-"""Shared fixtures: a tiny shapes dataset on disk and one short real training run, made once per session."""
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
+"""Shared fixtures: a tiny shapes dataset on disk and one short real training run (made once per session), model
+pairs with torchvision's SSD, an empty torch hub cache, and the COCO-layout folder writer. The plain helpers they
+use are in helpers.py."""
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-LITE = "ssdlite320_mobilenet_v3_large"
-
-# Small enough for seconds per epoch on 2 CPU cores; an odd val count exercises distributed padding.
-TINY_SHAPES = {"num_train": 24, "num_val": 11}
-
-
-def run_script(script, *args, cwd=None, timeout=300, env=None, launcher=None):
-    """Run one of the repo's scripts the way a user would and return the CompletedProcess."""
-    command = (launcher or [sys.executable]) + [str(REPO / script), *map(str, args)]
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run(command, cwd=cwd or REPO, capture_output=True, text=True, timeout=timeout, env=full_env)
-
-
-def torchrun(nproc):
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-
-
-def train_args(data_path, output_dir, *extra, epochs=2):
-    """The flags of a short, seeded SSDlite run on the tiny shapes dataset."""
-    return [
-        "--dataset", "shapes", "--data-path", data_path,
-        "--shapes-num-train", TINY_SHAPES["num_train"], "--shapes-num-val", TINY_SHAPES["num_val"],
-        "--model", LITE, "--epochs", epochs, "-b", 4, "--lr", 0.01, "--lr-scheduler", "cosineannealinglr",
-        "--weight-decay", 4e-5, "--warmup-iters", 3, "-j", 0, "--print-freq", 2, "--seed", 0,
-        "--eval-batch-size", 4, "--output-dir", output_dir, *extra,
-    ]
-
-
-def read_log(output_dir):
-    return [json.loads(line) for line in (Path(output_dir) / "log.jsonl").read_text().splitlines()]
-
-
-def assert_ok(result):
-    assert result.returncode == 0, f"exit {result.returncode}\nSTDOUT:\n{result.stdout[-3000:]}\nSTDERR:\n{result.stderr[-3000:]}"
+from helpers import LITE, SSD300, TINY_SHAPES, assert_ok, model_pair, run_script, train_args, write_coco_folder
 
 
 @pytest.fixture(scope="session")
@@ -60,3 +22,32 @@ def trained_run(shapes_root, tmp_path_factory):
     result = run_script("train.py", *train_args(shapes_root, output_dir))
     assert_ok(result)
     return output_dir, result
+
+
+# Session-wide: torchvision's SSD300 builder takes seconds. Tests that train or change thresholds work on copies
+# or restore the thresholds.
+@pytest.fixture(scope="session")
+def ssd300_pair():
+    return model_pair(SSD300)
+
+
+@pytest.fixture(scope="session")
+def lite_pair():
+    return model_pair(LITE)
+
+
+@pytest.fixture
+def torch_home(tmp_path, monkeypatch):
+    """An empty torch hub cache: weights names resolve to files planted in it, never to downloads."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    checkpoints = tmp_path / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    return checkpoints
+
+
+@pytest.fixture(scope="session")
+def coco_folder():
+    """helpers.write_coco_folder, the one writer of COCO-layout folders, for tests and fixtures of any scope.
+    Module-level builders that tests call without handing it over (test_safety's start-up cases, test_own_data's
+    tool exports) import it from helpers."""
+    return write_coco_folder

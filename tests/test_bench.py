@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from conftest import LITE, assert_ok, run_script
+from helpers import LITE, assert_ok, run_script
 
 SPEED_UNITS = ("img/s", "samples/s")
 TIME_UNITS = ("ms/batch", "s")

@@ -5,79 +5,13 @@ import json
 import re
 import sys
 
-import numpy as np
 import pytest
 import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from coco_eval import COCO_STAT_NAMES, CocoEvaluator, category_names, format_per_class_table
-
-CATEGORY_IDS = [1, 5, 9]  # non-contiguous, like COCO's
-
-
-def write_gt(tmp_path, images, annotations):
-    """images: [(id, width, height)]; annotations: [(image_id, category_id, [x, y, w, h])] -> path of the json."""
-    gt = {
-        "images": [{"id": i, "width": w, "height": h, "file_name": f"{i}.png"} for i, w, h in images],
-        "annotations": [
-            {"id": n + 1, "image_id": i, "category_id": c, "bbox": box, "area": box[2] * box[3], "iscrowd": 0}
-            for n, (i, c, box) in enumerate(annotations)
-        ],
-        "categories": [{"id": c, "name": f"class{c}"} for c in CATEGORY_IDS],
-    }
-    path = tmp_path / "instances_val.json"
-    path.write_text(json.dumps(gt))
-    return path
-
-
-def load_gt(path):
-    with contextlib.redirect_stdout(io.StringIO()):
-        return COCO(str(path))
-
-
-def prediction(boxes_xyxy=(), scores=(), labels=()):
-    return {
-        "boxes": torch.tensor(boxes_xyxy, dtype=torch.float32).reshape(-1, 4),
-        "scores": torch.tensor(scores, dtype=torch.float32),
-        "labels": torch.tensor(labels, dtype=torch.int64),
-    }
-
-
-def jittered_fixture(tmp_path, num_images, detections_per_image, seed=0):
-    """A GT file with 1-4 objects of every size per image, and noisy detections: jittered copies of the objects
-    (some with the wrong class) plus random boxes. Returns (gt_path, {image_id: prediction})."""
-    rng = np.random.RandomState(seed)
-    images, annotations, predictions = [], [], {}
-    for image_id in range(1, num_images + 1):
-        width, height = rng.randint(200, 640, size=2)
-        images.append((image_id, int(width), int(height)))
-        gt_boxes = []
-        for _ in range(rng.randint(1, 5)):
-            w, h = np.exp(rng.uniform(np.log(8), np.log([0.6 * width, 0.6 * height])))
-            x, y = rng.uniform(0, width - w), rng.uniform(0, height - h)
-            box = [round(float(v), 2) for v in (x, y, w, h)]
-            annotations.append((image_id, int(rng.choice(CATEGORY_IDS)), box))
-            gt_boxes.append(annotations[-1])
-        boxes, scores, labels = [], [], []
-        for n in range(detections_per_image):
-            if n < 2 * len(gt_boxes):
-                _, category, (x, y, w, h) = gt_boxes[n % len(gt_boxes)]
-                x, y = x + rng.normal(0, 0.05 * w), y + rng.normal(0, 0.05 * h)
-                w, h = w * rng.uniform(0.85, 1.15), h * rng.uniform(0.85, 1.15)
-                if rng.rand() < 0.2:
-                    category = int(rng.choice(CATEGORY_IDS))
-                score = rng.uniform(0.3, 1.0)
-            else:
-                w, h = rng.uniform(4, width / 2), rng.uniform(4, height / 2)
-                x, y = rng.uniform(0, width - w), rng.uniform(0, height - h)
-                category = int(rng.choice(CATEGORY_IDS))
-                score = rng.uniform(0.05, 0.6)
-            boxes.append([x, y, x + w, y + h])
-            scores.append(score)
-            labels.append(category)
-        predictions[image_id] = prediction(boxes, scores, labels)
-    return write_gt(tmp_path, images, annotations), predictions
+from helpers import evaluate, jittered_evaluation, load_gt, prediction, write_gt
 
 
 def pycocotools_stats(gt_path, predictions):
@@ -96,17 +30,6 @@ def pycocotools_stats(gt_path, predictions):
         coco_eval.accumulate()
         coco_eval.summarize()
     return coco_eval.stats.tolist()
-
-
-def evaluate(gt_path, *updates, backend="pycocotools"):
-    evaluator = CocoEvaluator(load_gt(gt_path), backend=backend)
-    for predictions in updates:
-        evaluator.update(predictions)
-    evaluator.synchronize_between_processes()
-    evaluator.accumulate()
-    with contextlib.redirect_stdout(io.StringIO()):
-        evaluator.summarize()
-    return evaluator.stats
 
 
 @pytest.fixture
@@ -155,7 +78,7 @@ def test_no_detections_at_all(two_images, backend, capsys):
 
 
 def test_duplicate_and_reordered_updates_do_not_change_stats(tmp_path):
-    gt_path, predictions = jittered_fixture(tmp_path, num_images=12, detections_per_image=8)
+    gt_path, predictions = jittered_evaluation(tmp_path, num_images=12, detections_per_image=8)
     reference = evaluate(gt_path, predictions)
     ids = sorted(predictions)
     first_half = {i: predictions[i] for i in ids[:7]}
@@ -164,7 +87,7 @@ def test_duplicate_and_reordered_updates_do_not_change_stats(tmp_path):
 
 
 def test_matches_plain_pycocotools_and_faster_coco_eval(tmp_path, capsys):
-    gt_path, predictions = jittered_fixture(tmp_path, num_images=50, detections_per_image=20)
+    gt_path, predictions = jittered_evaluation(tmp_path, num_images=50, detections_per_image=20)
     expected = pycocotools_stats(gt_path, predictions)
     capsys.readouterr()
 
@@ -218,7 +141,7 @@ def pycocotools_per_category(gt_path, predictions, category_id):
 
 @pytest.mark.parametrize("backend", ["pycocotools", "faster-coco-eval"])
 def test_per_class_ap_equals_pycocotools_per_category(tmp_path, backend, capsys):
-    gt_path, predictions = jittered_fixture(tmp_path, num_images=30, detections_per_image=12, seed=1)
+    gt_path, predictions = jittered_evaluation(tmp_path, num_images=30, detections_per_image=12, seed=1)
     # A category without any ground truth in the file: COCOeval reports -1 for it.
     gt = json.loads(gt_path.read_text())
     gt["categories"].append({"id": 12, "name": "unseen"})

@@ -7,10 +7,8 @@ import math
 import pytest
 import torch
 
-from conftest import LITE, assert_ok, read_log, run_script, torchrun, train_args
-from test_models import (IMAGE_SIZES, SSD300, assert_detections_match_to_rounding, model_pair, random_images,
-                         random_targets, sgd_step)
-from test_train import printed_ap
+from helpers import (IMAGE_SIZES, LITE, SSD300, assert_detections_match_to_rounding, assert_ok, model_pair, printed_ap,
+                     random_images, random_targets, read_log, run_script, sgd_step, torchrun, train_args)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA = torch.device("cuda")

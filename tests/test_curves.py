@@ -5,7 +5,7 @@ import matplotlib.image
 import pytest
 
 from coco_eval import COCO_STAT_NAMES
-from conftest import assert_ok, run_script
+from helpers import assert_ok, run_script
 from plot_curves import plot_curves, read_log, run_labels
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -67,25 +67,21 @@ EXPECTED = {  # image id -> (boxes, labels, area) of the v1 target
 }
 
 
-def write_coco(root, splits=("train", "val"), annotations=ANNOTATIONS):
-    """Write the edge-case fixture as a COCO folder (the same images in both splits)."""
-    os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
-    for split in splits:
-        folder, ann_file = coco_utils.SPLITS[split]
-        os.makedirs(os.path.join(root, folder), exist_ok=True)
-        images = []
-        for image_id, (name, make, options) in IMAGES.items():
-            image = make()
-            image.save(os.path.join(root, folder, name), **options)
-            images.append({"id": image_id, "file_name": name, "width": image.width, "height": image.height})
-        with open(os.path.join(root, ann_file), "w") as f:
-            json.dump({"images": images, "annotations": annotations, "categories": CATEGORIES}, f)
-    return str(root)
+@pytest.fixture
+def edge_case_folder(coco_folder, tmp_path):
+    """Writes the edge cases as the COCO folder tmp_path/coco, the same images in each of the given splits (and
+    the given text instead of a split's annotation file); returns the folder's path as a string."""
+    def write(splits=("train", "val"), annotation_text=None):
+        pictures = {name: (make(), options) for name, make, options in IMAGES.values()}
+        coco_folder(tmp_path / "coco", pictures, ANNOTATIONS, CATEGORIES, splits=splits,
+                    annotation_text=annotation_text)
+        return str(tmp_path / "coco")
+    return write
 
 
 @pytest.fixture
-def coco_root(tmp_path):
-    return write_coco(tmp_path / "coco")
+def coco_root(edge_case_folder):
+    return edge_case_folder()
 
 
 def edit_annotations(root, edit, split="val"):
@@ -189,11 +185,11 @@ def one_line_error(call):
     return message
 
 
-def test_missing_folder_and_files_name_the_expected_paths(tmp_path):
+def test_missing_folder_and_files_name_the_expected_paths(tmp_path, edge_case_folder):
     message = one_line_error(lambda: coco_utils.get_coco(str(tmp_path / "nowhere"), "train", None))
     assert "nowhere: data folder not found" in message and "train2017" in message and "instances_train2017.json" in message
 
-    root = write_coco(tmp_path / "coco", splits=("val",))
+    root = edge_case_folder(splits=("val",))
     message = one_line_error(lambda: coco_utils.get_coco(root, "train", None))
     assert message.startswith(os.path.join(root, "train2017")) and "instances_train2017.json" in message
 
@@ -203,11 +199,9 @@ def test_missing_folder_and_files_name_the_expected_paths(tmp_path):
 
 
 @pytest.mark.parametrize("use_v2", [False, True])
-def test_malformed_json_names_file_and_position(tmp_path, use_v2):
-    root = write_coco(tmp_path / "coco", splits=("val",))
+def test_malformed_json_names_file_and_position(edge_case_folder, use_v2):
+    root = edge_case_folder(splits=("val",), annotation_text={"val": '{"images": [\n  {"id": 1,, }]}'})
     path = os.path.join(root, "annotations", "instances_val2017.json")
-    with open(path, "w") as f:
-        f.write('{"images": [\n  {"id": 1,, }]}')
     message = one_line_error(lambda: coco_utils.get_coco(root, "val", None, use_v2=use_v2))
     assert message.startswith(path) and "malformed JSON at line 2 column 12" in message
 
@@ -232,8 +226,8 @@ def append_annotation(**fields):
     ],
     ids=["unknown_image", "bbox_3_numbers", "bbox_nan", "bbox_string", "unknown_category", "no_width", "no_images"],
 )
-def test_bad_annotations_are_reported_with_file_and_ids(tmp_path, edit, expected):
-    root = write_coco(tmp_path / "coco", splits=("val",))
+def test_bad_annotations_are_reported_with_file_and_ids(edge_case_folder, edit, expected):
+    root = edge_case_folder(splits=("val",))
     path = edit_annotations(root, edit)
     message = one_line_error(lambda: coco_utils.get_coco(root, "val", None))
     assert message.startswith(path + ": ") and expected in message
@@ -249,8 +243,8 @@ def test_missing_image_files_are_found_at_construction(coco_root):
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
-def test_unreadable_images_fail_at_decode_time_with_file_and_id(tmp_path, damage):
-    root = write_coco(tmp_path / "coco", splits=("val",))
+def test_unreadable_images_fail_at_decode_time_with_file_and_id(edge_case_folder, damage):
+    root = edge_case_folder(splits=("val",))
     path = os.path.join(root, "val2017", "rgb.jpg")
     noisy = np.random.default_rng(0).integers(0, 256, size=(30, 40, 3), dtype=np.uint8)
     Image.fromarray(noisy).save(path, quality=95)
@@ -263,8 +257,8 @@ def test_unreadable_images_fail_at_decode_time_with_file_and_id(tmp_path, damage
     assert message.startswith(path + ": cannot decode image id 1: ")
 
 
-def test_image_size_must_match_the_annotation_file(tmp_path):
-    root = write_coco(tmp_path / "coco", splits=("val",))
+def test_image_size_must_match_the_annotation_file(edge_case_folder):
+    root = edge_case_folder(splits=("val",))
     edit_annotations(root, lambda data: data["images"][1].update(width=21))
     message = one_line_error(lambda: coco_utils.get_coco(root, "val", None)[1])
     assert message.startswith(os.path.join(root, "val2017", "gray.png")) and "image id 2 is 20x16 pixels" in message

@@ -1,7 +1,6 @@
 """engine.py on a tiny COCO-format dataset on disk: warm-up, epoch means, the non-finite stop, evaluation parity."""
 import contextlib
 import io
-import json
 import math
 import re
 
@@ -9,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torchvision.models.detection import ssdlite320_mobilenet_v3_large
@@ -33,11 +31,10 @@ class TinyCoco(torchvision.datasets.CocoDetection):
         return pil_to_tensor(image).float() / 255, {"image_id": self.ids[index], "boxes": boxes, "labels": labels}
 
 
-def write_tiny_coco(root, num_images=6, seed=0):
-    """Coloured rectangles on noise, one or two large objects per image, written as PNG + instances json."""
+def tiny_coco(coco_folder, root, num_images=6, seed=0):
+    """Coloured rectangles on noise, one or two large objects per image, written as a COCO training split."""
     rng = np.random.RandomState(seed)
-    root.mkdir(parents=True, exist_ok=True)
-    images, annotations = [], []
+    pictures, annotations = {}, []
     for image_id in range(1, num_images + 1):
         width, height = int(rng.randint(96, 160)), int(rng.randint(96, 160))
         pixels = rng.randint(0, 60, size=(height, width, 3)).astype(np.uint8)
@@ -48,20 +45,18 @@ def write_tiny_coco(root, num_images=6, seed=0):
             pixels[y:y + h, x:x + w] = (220, 40, 40) if category == 1 else (40, 40, 220)
             annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": category,
                                 "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0})
-        Image.fromarray(pixels).save(root / f"{image_id:04d}.png")
-        images.append({"id": image_id, "file_name": f"{image_id:04d}.png", "width": width, "height": height})
+        pictures[f"{image_id:04d}.png"] = pixels
     categories = [{"id": c, "name": f"class{c}"} for c in CATEGORY_IDS]
-    ann_file = root / "instances.json"
-    ann_file.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    image_folder, ann_file = coco_folder(root, pictures, annotations, categories, splits=("train",))["train"]
     with contextlib.redirect_stdout(io.StringIO()):
-        dataset = TinyCoco(str(root), str(ann_file))
+        dataset = TinyCoco(str(image_folder), str(ann_file))
     dataset.ann_file = str(ann_file)
     return dataset
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    return write_tiny_coco(tmp_path_factory.mktemp("tiny_coco"))
+def dataset(coco_folder, tmp_path_factory):
+    return tiny_coco(coco_folder, tmp_path_factory.mktemp("tiny_coco"))
 
 
 def make_model():

@@ -6,8 +6,7 @@ import torch
 
 import export
 import utils
-from conftest import LITE
-from test_predict import CATEGORIES, save_lively_checkpoint
+from helpers import CATEGORIES, LITE, save_lively_checkpoint
 
 onnxruntime = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install onnxruntime)")
 import onnx  # noqa: E402  (installed with onnxruntime in requirements-dev.txt)

@@ -5,7 +5,7 @@ import torch
 import torchvision
 
 import models
-from conftest import LITE, assert_ok, run_script, train_args
+from helpers import LITE, assert_ok, run_script, train_args
 
 COCO_WEIGHTS = "SSDLite320_MobileNet_V3_Large_Weights.COCO_V1"
 # torchvision's COCO names, indexed by label: "__background__" at 0, "N/A" at the unused ids (no download).
@@ -154,7 +154,7 @@ def test_trainable_backbone_layers_follow_torchvision_when_fine_tuning(checkpoin
         return {name for name, p in model.named_parameters() if not p.requires_grad}
 
     assert frozen() == set()  # SSDlite's default with weights: all 6 stages train
-    # As with the same classes, where the builder freezes what torchvision's does (tested in test_models).
+    # As with the same classes, where the builder freezes what torchvision's does (tested in test_weights).
     strict = models.get_model(LITE, weights=checkpoints["table"], trainable_backbone_layers=2)
     expected = {name for name, p in strict.named_parameters() if not p.requires_grad}
     assert expected and frozen(trainable_backbone_layers=2) == expected

@@ -7,8 +7,7 @@ import torch
 
 import engine
 import models
-
-LITE = "ssdlite320_mobilenet_v3_large"
+from helpers import LITE
 
 
 @pytest.mark.parametrize("name, lr, weight_decay, norm_weight_decay", [

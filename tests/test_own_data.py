@@ -3,7 +3,6 @@ Roboflow- and sparse-id exports written from the shapes images, the category tab
 ground truth built from a custom Dataset's targets."""
 import json
 import re
-import shutil
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ import models
 import presets
 import utils
 from coco_eval import CocoEvaluator
-from conftest import LITE, assert_ok, read_log, run_script
+from helpers import LITE, assert_ok, read_log, run_script, write_coco_folder
 
 SHAPES = ["circle", "rectangle", "triangle", "star", "cross"]  # shapes' category ids 1..5
 AP_TABLE = re.compile(r"^ Average (?:Precision|Recall) .*$", re.MULTILINE)
@@ -80,12 +79,10 @@ def write_export(shapes_root, dest, style, num_train=6, edit_train=None, val_box
             data["categories"].insert(0, {"id": 0, "name": spec["parent"], "supercategory": "none"})
         if split == "train" and edit_train is not None:
             edit_train(data)
-        folder, ann_file = (dest / part for part in spec["layout"][split])
-        folder.mkdir(parents=True, exist_ok=True)
-        ann_file.parent.mkdir(parents=True, exist_ok=True)
-        for image in data["images"]:
-            shutil.copyfile(shapes_root / source / image["file_name"], folder / image["file_name"])
-        ann_file.write_text(json.dumps(data))
+        pictures = {image["file_name"]: shapes_root / source / image["file_name"] for image in data["images"]}
+        top_level = {key: data[key] for key in data if key not in ("images", "annotations", "categories")}
+        folder, ann_file = write_coco_folder(dest, pictures, data["annotations"], data["categories"], splits=(split,),
+                                             layout=spec["layout"], images=data["images"], top_level=top_level)[split]
         flags += [f"--{split}-images", folder, f"--{split}-annotations", ann_file]
     return flags
 

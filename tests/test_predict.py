@@ -5,42 +5,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch import nn
 from torchvision.transforms.functional import pil_to_tensor
 
 import models
 import predict
 import utils
-from conftest import LITE, assert_ok, run_script
+from helpers import CATEGORIES, FAVOURED_LABEL, LITE, assert_ok, run_script, save_lively_checkpoint
 
-CATEGORIES = {1: "circle", 2: "rectangle", 3: "triangle"}
-FAVOURED_LABEL = 2
 SCORE_THRESH = 0.6
-
-
-def save_lively_checkpoint(path):
-    """Save a train.py-style SSDlite checkpoint whose scores depend on the image and are spread out, with class
-    FAVOURED_LABEL ahead of the others; return the model (eval mode).
-
-    A freshly initialised SSDlite scores every anchor the same: its BatchNorm layers still hold the default
-    running statistics, under which the activations vanish. Estimating them on a few random images (as a
-    first training step would) gives features of unit scale, hence image-dependent, well separated scores.
-    """
-    torch.manual_seed(0)
-    model = models.get_model(LITE, num_classes=len(CATEGORIES) + 1)
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.reset_running_stats()
-            module.momentum = None  # running statistics = the plain average over the calibration batch
-    model.train()
-    with torch.no_grad():
-        model.head(model.backbone(torch.randn(4, 3, *model.size)))
-        for name, parameter in model.head.named_parameters():
-            # The last 1x1 conv of each level: its channels are (anchor, class) pairs, class fastest.
-            if name.startswith("classification_head") and name.endswith(".1.bias"):
-                parameter.view(-1, model.num_classes)[:, FAVOURED_LABEL] += 1.0
-    torch.save({"model": model.state_dict(), "epoch": 0, "args": {"model": LITE}, "categories": CATEGORIES}, path)
-    return model.eval()
 
 
 def save_smooth_image(path, width, height, seed):

@@ -1,7 +1,6 @@
 """Issue 5's promises, through the real command line: exact resume after SIGKILL, no silent overwrite, safe loading,
 bad input reported in one line with nothing damaged, non-finite loss, and no hang when a rank dies."""
 import hashlib
-import json
 import os
 import re
 import signal
@@ -12,8 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
-from conftest import LITE, REPO, assert_ok, read_log, run_script, torchrun, train_args
+from helpers import LITE, REPO, assert_ok, read_log, run_script, torchrun, train_args
 from utils import LOCK_NAME
 
 
@@ -139,30 +139,15 @@ def test_non_finite_loss_stops_before_the_step_and_keeps_the_checkpoint(trained_
     assert [r["epoch"] for r in read_log(run_dir)] == [0, 1, 2]
 
 
-def write_coco(root, images, annotations, categories=({"id": 1, "name": "thing"},), image_set="train"):
-    (root / "annotations").mkdir(parents=True, exist_ok=True)
-    payload = {"images": images, "annotations": annotations, "categories": list(categories)}
-    (root / "annotations" / f"instances_{image_set}2017.json").write_text(json.dumps(payload))
+# A valid two-split COCO folder: two 64x48 images, one box each, per split (SSDlite trains on 2 at least).
+PURPLE = Image.new("RGB", (64, 48), (120, 30, 200))
+PICTURES = {"a.jpg": PURPLE, "b.jpg": PURPLE}
+BOXES = [{"id": i, "image_id": i, "category_id": 1, "bbox": [5, 5, 20, 20], "area": 400, "iscrowd": 0} for i in (1, 2)]
 
 
-def small_jpeg(path, size=(64, 48)):
-    from PIL import Image
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", size, (120, 30, 200)).save(path)
-
-
-def coco_folder(root):
-    """A valid two-split COCO folder with two images, one box each, per split (SSDlite trains on 2 at least)."""
-    for split in ("train", "val"):
-        images, annotations = [], []
-        for image_id, name in ((1, "a.jpg"), (2, "b.jpg")):
-            small_jpeg(root / f"{split}2017" / name)
-            images.append({"id": image_id, "file_name": name, "width": 64, "height": 48})
-            annotations.append({"id": image_id, "image_id": image_id, "category_id": 1, "bbox": [5, 5, 20, 20],
-                                "area": 400, "iscrowd": 0})
-        write_coco(root, images, annotations, image_set=split)
-    return root
+def train_file_with(annotation):
+    """A break_it that replaces the training annotation file by one listing a.jpg with this annotation."""
+    return lambda root, coco_folder: coco_folder(root, {"a.jpg": PURPLE}, [annotation], splits=("train",))
 
 
 def coco_run(root, output_dir, *extra):
@@ -171,32 +156,28 @@ def coco_run(root, output_dir, *extra):
 
 
 BAD_DATA_CASES = {
-    "missing_dir": (lambda root: None, ["instances_val2017.json"]),
-    "malformed_json": (lambda root: (root / "annotations" / "instances_val2017.json").write_text("{\"images\": [,"),
-                       ["instances_val2017.json"]),
-    "missing_image": (lambda root: (root / "train2017" / "a.jpg").unlink(), ["a.jpg", "1"]),
-    "corrupt_image": (lambda root: (root / "train2017" / "a.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg"),
-                      ["a.jpg"]),
-    "bad_bbox": (lambda root: write_coco(root, [{"id": 1, "file_name": "a.jpg", "width": 64, "height": 48}],
-                                         [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [5, "x", 20],
-                                           "area": 1, "iscrowd": 0}]), ["bbox", "instances_train2017.json"]),
-    "unknown_category": (lambda root: write_coco(root, [{"id": 1, "file_name": "a.jpg", "width": 64, "height": 48}],
-                                                 [{"id": 1, "image_id": 1, "category_id": 7, "bbox": [5, 5, 9, 9],
-                                                   "area": 81, "iscrowd": 0}]), ["7", "instances_train2017.json"]),
-    "no_usable_training_image": (
-        lambda root: write_coco(root, [{"id": 1, "file_name": "a.jpg", "width": 64, "height": 48}],
-                                [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [5, 5, 0, 9], "area": 0,
-                                  "iscrowd": 0}]), ["instances_train2017.json"]),
+    "missing_dir": (lambda root, coco_folder: None, ["instances_val2017.json"]),
+    "malformed_json": (lambda root, coco_folder: (root / "annotations" / "instances_val2017.json").write_text(
+        "{\"images\": [,"), ["instances_val2017.json"]),
+    "missing_image": (lambda root, coco_folder: (root / "train2017" / "a.jpg").unlink(), ["a.jpg", "1"]),
+    "corrupt_image": (lambda root, coco_folder: (root / "train2017" / "a.jpg").write_bytes(
+        b"\xff\xd8\xff\xe0 not a jpeg"), ["a.jpg"]),
+    "bad_bbox": (train_file_with({"id": 1, "image_id": 1, "category_id": 1, "bbox": [5, "x", 20], "area": 1,
+                                  "iscrowd": 0}), ["bbox", "instances_train2017.json"]),
+    "unknown_category": (train_file_with({"id": 1, "image_id": 1, "category_id": 7, "bbox": [5, 5, 9, 9], "area": 81,
+                                          "iscrowd": 0}), ["7", "instances_train2017.json"]),
+    "no_usable_training_image": (train_file_with({"id": 1, "image_id": 1, "category_id": 1, "bbox": [5, 5, 0, 9],
+                                                  "area": 0, "iscrowd": 0}), ["instances_train2017.json"]),
 }
 
 
 @pytest.mark.parametrize("case", BAD_DATA_CASES)
-def test_bad_data_is_reported_in_one_line(case, tmp_path):
+def test_bad_data_is_reported_in_one_line(case, tmp_path, coco_folder):
     break_it, fragments = BAD_DATA_CASES[case]
     root = tmp_path / "coco"
     if case != "missing_dir":
-        coco_folder(root)
-        break_it(root)
+        coco_folder(root, PICTURES, BOXES)
+        break_it(root, coco_folder)
     output_dir = tmp_path / "out"
     output_dir.mkdir()
     (output_dir / "notes.txt").write_text("the user's\n")

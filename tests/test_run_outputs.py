@@ -13,7 +13,8 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from coco_eval import COCO_STAT_NAMES
-from conftest import LITE, assert_ok, run_script, train_args
+from helpers import LITE, assert_ok, run_script, train_args
+
 
 def hiding(package):
     """A launcher that runs a script with `package` hidden, so that importing it fails for real."""
@@ -41,17 +42,16 @@ def reevaluate(annotation_file, detections_file):
     return dict(zip(COCO_STAT_NAMES, overall.stats.tolist())), per_class
 
 
-def image_info_copy(shapes_root, root):
+def image_info_copy(coco_folder, shapes_root, root):
     """A COCO folder like test-dev: the shapes val images, and an image-info file with images and categories only."""
-    (root / "annotations").mkdir(parents=True)
-    (root / "val2017").symlink_to(shapes_root / "val2017")
     annotations = json.loads((shapes_root / "annotations" / "instances_val2017.json").read_text())
-    image_info = {"images": annotations["images"], "categories": annotations["categories"]}
-    (root / "annotations" / "instances_val2017.json").write_text(json.dumps(image_info))
+    pictures = {image["file_name"]: shapes_root / "val2017" / image["file_name"] for image in annotations["images"]}
+    coco_folder(root, pictures, None, annotations["categories"], splits=("val",), images=annotations["images"])
     return root
 
 
-def test_test_only_writes_detections_and_metrics_that_pycocotools_confirms(trained_run, shapes_root, tmp_path):
+def test_test_only_writes_detections_and_metrics_that_pycocotools_confirms(trained_run, shapes_root, coco_folder,
+                                                                           tmp_path):
     output_dir, _ = trained_run
     evaluation_dir = tmp_path / "evaluation"
     evaluation_dir.mkdir()
@@ -79,7 +79,7 @@ def test_test_only_writes_detections_and_metrics_that_pycocotools_confirms(train
     assert evaluated["time"].endswith("+00:00")
 
     # --format-only on an image-info file (no annotations): the same detections, no evaluation.
-    image_info = image_info_copy(shapes_root, tmp_path / "test-dev")
+    image_info = image_info_copy(coco_folder, shapes_root, tmp_path / "test-dev")
     format_dir = tmp_path / "format-only"
     result = run_script("train.py", *train_args(shapes_root, format_dir, "--format-only", "--weights",
                                                 output_dir / "model_1.pth", "--dataset", "coco",

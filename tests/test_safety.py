@@ -23,7 +23,7 @@ import presets
 import shapes
 import train
 import utils
-from conftest import LITE, REPO, assert_ok, read_log, run_script
+from helpers import LITE, REPO, assert_ok, read_log, run_script, write_coco_folder
 from models.postprocess import match_detections
 
 # 8 training images at batch 2: four steps per epoch; --eval-freq 2 skips evaluation after epoch 0.
@@ -230,20 +230,6 @@ def test_ctrl_c_while_train_py_starts_is_one_line(tmp_path):
 # ------------------------------------------------------------------------------------ refused at start-up
 
 
-def coco_folder(root, file_name="a.png", bbox=(5, 5, 20, 20), annotations_text=None):
-    """A COCO folder with one 64x48 image per split; file_name, bbox or the whole val file text can be bad."""
-    for split in ("train", "val"):
-        (root / f"{split}2017").mkdir(parents=True, exist_ok=True)
-        Image.new("RGB", (64, 48), (120, 30, 200)).save(root / f"{split}2017" / "a.png")
-        payload = {"images": [{"id": 1, "file_name": file_name, "width": 64, "height": 48}],
-                   "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": list(bbox)}],
-                   "categories": [{"id": 1, "name": "thing"}]}
-        (root / "annotations").mkdir(exist_ok=True)
-        text = annotations_text if annotations_text is not None and split == "val" else json.dumps(payload)
-        (root / "annotations" / f"instances_{split}2017.json").write_text(text)
-    return root
-
-
 def other_run(folder):
     """A folder holding a finished run's files (no checkpoint.pth)."""
     folder.mkdir()
@@ -257,9 +243,14 @@ def train_case(*extra, output="out"):
                                           "-b", 2, "-j", 0, "--epochs", 1, "--output-dir", tmp / output, *extra])
 
 
-def with_data(case, **coco):
+def with_data(case, file_name="a.png", bbox=(5, 5, 20, 20), annotations_text=None):
+    """case, given a COCO folder with one 64x48 image per split: the file name its annotation files give, its
+    bbox, or the whole val file text can be bad."""
     def build(tmp, run):
-        coco_folder(tmp / "coco", **coco)
+        write_coco_folder(tmp / "coco", {"a.png": Image.new("RGB", (64, 48), (120, 30, 200))},
+                          [{"id": 1, "image_id": 1, "category_id": 1, "bbox": list(bbox)}],
+                          images=[{"id": 1, "file_name": file_name, "width": 64, "height": 48}],
+                          annotation_text=None if annotations_text is None else {"val": annotations_text})
         return case(tmp, run)
     return build
 
@@ -445,36 +436,29 @@ def test_a_refusal_from_a_real_process(stopped_during_save, tmp_path):
 # ----------------------------------------------------------------------------------------- one decoder
 
 
-def write_odd_images(folder):
+def odd_pictures():
     """A 16-bit grayscale PNG, a CMYK JPEG, a palette PNG with a transparent colour and a JPEG whose EXIF says
-    'rotate 90 degrees': {file name: (width, height) as stored}."""
-    folder.mkdir(parents=True, exist_ok=True)
+    'rotate 90 degrees', by file name, in write_coco_folder's (image, save options) form."""
     gradient = np.linspace(0, 65535, 96 * 64).reshape(64, 96).astype(np.uint16)
-    Image.fromarray(gradient).save(folder / "sixteen.png")
     cmyk = Image.new("CMYK", (80, 60), (0, 200, 255, 30))
     cmyk.paste((200, 0, 50, 0), (10, 10, 50, 40))
-    cmyk.save(folder / "cmyk.jpg")
     palette = Image.new("P", (70, 50), 0)
     palette.putpalette([0, 0, 0, 250, 20, 20] + [0] * 762)
     palette.paste(1, (20, 10, 50, 40))
-    palette.save(folder / "palette.png", transparency=0)
     rotated = Image.new("RGB", (90, 40), (30, 160, 60))
     rotated.paste((230, 230, 20), (5, 5, 40, 30))
     exif = Image.Exif()
     exif[0x0112] = 6  # Orientation: viewers turn it 90 degrees clockwise
-    rotated.save(folder / "exif.jpg", exif=exif)
-    return {"sixteen.png": (96, 64), "cmyk.jpg": (80, 60), "palette.png": (70, 50), "exif.jpg": (90, 40)}
+    return {"cmyk.jpg": (cmyk, {}), "exif.jpg": (rotated, {"exif": exif}),
+            "palette.png": (palette, {"transparency": 0}), "sixteen.png": (Image.fromarray(gradient), {})}
 
 
-def test_predict_sees_the_pixels_the_loader_sees(stopped_during_save, tmp_path):
+def test_predict_sees_the_pixels_the_loader_sees(stopped_during_save, coco_folder, tmp_path):
     weights = stopped_during_save[0] / "model_0.pth"
-    sizes = write_odd_images(tmp_path / "coco" / "val2017")
+    pictures = odd_pictures()
+    coco_folder(tmp_path / "coco", pictures, splits=("val",))
+    sizes = {name: image.size for name, (image, _) in pictures.items()}  # (width, height) as stored
     names = sorted(sizes)
-    payload = {"images": [{"id": i + 1, "file_name": name, "width": sizes[name][0], "height": sizes[name][1]}
-                          for i, name in enumerate(names)], "annotations": [],
-               "categories": [{"id": 1, "name": "thing"}]}
-    (tmp_path / "coco" / "annotations").mkdir()
-    (tmp_path / "coco" / "annotations" / "instances_val2017.json").write_text(json.dumps(payload))
     result = run_script("predict.py", "--weights", weights, "--score-thresh", 0.01, "-b", 1, "--output-dir",
                         tmp_path / "predictions", tmp_path / "coco" / "val2017")
     assert_ok(result)

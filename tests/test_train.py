@@ -6,18 +6,9 @@ import shutil
 import pytest
 import torch
 
-from conftest import LITE, assert_ok, read_log, run_script, torchrun, train_args
+from helpers import LITE, assert_ok, printed_ap, read_log, run_script, torchrun, train_args
 
 DEMO_TEST_EPOCHS = 5
-AP_LINE = re.compile(r"Average Precision\s+\(AP\) @\[ IoU=0.50:0.95 \| area=\s*all \| maxDets=100 \] = (-?[0-9.]+)")
-
-
-def printed_ap(stdout):
-    values = AP_LINE.findall(stdout)
-    assert values, f"no COCO AP table in the output:\n{stdout[-2000:]}"
-    return float(values[-1])
-
-
 def test_training_writes_checkpoints_log_and_ap_table(trained_run):
     output_dir, result = trained_run
     for name in ("model_0.pth", "model_1.pth", "checkpoint.pth", "log.jsonl", "curves.png"):

@@ -238,9 +238,10 @@ def _distributed_worker(rank, port, out_dir, gt_path, predictions):
 
 
 def test_two_gloo_processes_reduce_gather_and_evaluate_like_one(tmp_path):
-    from test_coco_eval import evaluate, jittered_fixture
+    # Imported here, not at the top: the spawned workers import this module and need none of it.
+    from helpers import evaluate, jittered_evaluation
 
-    gt_path, predictions = jittered_fixture(tmp_path, num_images=9, detections_per_image=5)
+    gt_path, predictions = jittered_evaluation(tmp_path, num_images=9, detections_per_image=5)
     single_process = evaluate(gt_path, predictions)
 
     mp.spawn(_distributed_worker, args=(_free_port(), str(tmp_path), str(gt_path), predictions), nprocs=2)

@@ -11,7 +11,7 @@ import coco_utils
 import presets
 import shapes
 from coco_eval import VocEvaluator
-from conftest import TINY_SHAPES, assert_ok, read_log, run_script, torchrun, train_args
+from helpers import TINY_SHAPES, assert_ok, read_log, run_script, torchrun, train_args
 
 SHAPE_CLASSES = ["circle", "rectangle", "triangle", "star", "cross"]
 MAP_LINE = re.compile(r"^mAP\s+([0-9.]+)\s+([0-9.]+)", re.MULTILINE)
