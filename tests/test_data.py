@@ -378,11 +378,11 @@ def test_shapes_dataset_is_reused_and_parameters_are_checked(tmp_path, monkeypat
 def test_interrupted_generation_leaves_nothing_behind(tmp_path, monkeypatch):
     calls = []
 
-    def crash_on_third(rng):
+    def crash_on_third(rng, image_size=None):
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return real_render(rng)
+        return real_render(rng, image_size)
 
     real_render = shapes.render_sample
     monkeypatch.setattr(shapes, "render_sample", crash_on_third)
