@@ -639,6 +639,20 @@ def write_evaluation_files(args, dataset, evaluator, metrics):
     print(f"wrote {metrics_path}")
 
 
+def start_or_resume_training(args, model, scaler, resume_checkpoint):
+    """(optimizer, lr scheduler, best evaluation so far): fresh, or as the checkpoint left them, in which case
+    the run folder's log is also brought back to the checkpoint's epoch."""
+    optimizer = engine.build_optimizer(model, args.opt, args.lr, args.momentum, args.weight_decay,
+                                       args.norm_weight_decay)
+    lr_scheduler = build_lr_scheduler(optimizer, args)
+    if resume_checkpoint is None:
+        return optimizer, lr_scheduler, None
+    restore_training_state(args, resume_checkpoint, optimizer, lr_scheduler, scaler)
+    if args.output_dir and utils.is_main_process():
+        reconcile_outputs(args, resume_checkpoint)
+    return optimizer, lr_scheduler, resume_checkpoint.get("best")
+
+
 def check_epochs_left(args):
     """Training starts below --epochs, whether the start comes from --start-epoch or from --resume."""
     if args.start_epoch < args.epochs:
@@ -692,12 +706,7 @@ def main(args):
         args.channels_last = models.prefers_channels_last(args.model, device, training=not args.test_only)
     args.seed = choose_seed(args, resume_checkpoint)
     print(args)
-    utils.seed_everything(args.seed + utils.get_rank())
-    if args.use_deterministic_algorithms:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-    elif device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # SSD inputs have one fixed size
+    set_up_randomness(args, device)
 
     print("Loading data")
     prepare_data_root(args)
@@ -717,25 +726,13 @@ def main(args):
     amp_dtype, scaler = amp_setup(args, device)
 
     if args.test_only:
-        torch.backends.cudnn.deterministic = True
-        evaluator = engine.detect(model, data_loader_test, device, coco_backend=args.coco_backend, amp_dtype=amp_dtype)
-        metrics = None if args.format_only else engine.evaluate_detections(evaluator)
-        if args.output_dir and utils.is_main_process():
-            write_evaluation_files(args, dataset_test, evaluator, metrics)
+        evaluate_only(args, model, data_loader_test, device, amp_dtype)
         utils.finish_distributed()
         return
 
     data_loader, train_sampler = build_train_loader(dataset, args)
-    optimizer = engine.build_optimizer(model_without_ddp, args.opt, args.lr, args.momentum, args.weight_decay,
-                                       args.norm_weight_decay)
-    lr_scheduler = build_lr_scheduler(optimizer, args)
-    best = None
-    if resume_checkpoint is not None:
-        restore_training_state(args, resume_checkpoint, optimizer, lr_scheduler, scaler)
-        best = resume_checkpoint.get("best")
-        if args.output_dir and utils.is_main_process():
-            reconcile_outputs(args, resume_checkpoint)
-        del resume_checkpoint
+    optimizer, lr_scheduler, best = start_or_resume_training(args, model_without_ddp, scaler, resume_checkpoint)
+    del resume_checkpoint
     tensorboard = None
     if summary_writer_class is not None and utils.is_main_process():
         # purge_step: a resumed run drops what the killed one logged after its checkpoint.
@@ -775,6 +772,26 @@ def main(args):
     total_time = str(datetime.timedelta(seconds=int(time.time() - start_time)))
     print(f"Training time {total_time}")
     del output_lock  # held until here: the whole run
+
+
+def set_up_randomness(args, device):
+    """Seeds every generator (each rank its own stream) and picks deterministic or fastest kernels."""
+    utils.seed_everything(args.seed + utils.get_rank())
+    if args.use_deterministic_algorithms:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # SSD inputs have one fixed size
+
+
+def evaluate_only(args, model, data_loader_test, device, amp_dtype):
+    """--test-only: detections of the whole validation set, their evaluation (unless --format-only) and, on rank
+    0, detections.json and metrics.json in --output-dir."""
+    torch.backends.cudnn.deterministic = True
+    evaluator = engine.detect(model, data_loader_test, device, coco_backend=args.coco_backend, amp_dtype=amp_dtype)
+    metrics = None if args.format_only else engine.evaluate_detections(evaluator)
+    if args.output_dir and utils.is_main_process():
+        write_evaluation_files(args, data_loader_test.dataset, evaluator, metrics)
 
 
 def draw_curves(output_dir):
