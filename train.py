@@ -132,7 +132,7 @@ def get_args_parser(add_help=True):
                             "only (and --test-only), 'all' for training too. Compiling takes minutes on a CPU, once "
                             "per mode and again for a smaller last batch. On a CPU it was measured to pay for long "
                             "SSDlite evaluations only (SSD300 runs the same convolutions either way, and a compiled "
-                            "training step is slower), so 'all' is meant for GPUs (default: off; figures in "
+                            "training step is no faster), so 'all' is meant for GPUs (default: off; figures in "
                             "docs/performance.md)")
 
     optim = parser.add_argument_group("optimisation")
