@@ -110,6 +110,10 @@ def get_args_parser():
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="also print torch.profiler's N most expensive operators (self time) of one training "
                              "step and one inference batch of each side, and the convolutions' share of the time")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time ours with the network compiled (models.compile_network) against ours eager, "
+                             "for inference at the largest batch and, with the train rows, a training step at the "
+                             "smallest; the note gives the compile time, from an empty inductor cache")
     return parser
 
 
@@ -376,6 +380,12 @@ def train_rows(short, pair, images, targets, args, sizes):
         row = throughput_row(f"{short} training step, batch {batch}", batch, seconds, "img/s",
                              pair.layout_note(training=True))
         rows.append(with_flops(row, flops_per_image, args.peak_gflops))
+    if args.compile:
+        batch = min(sizes.train_batches)
+        on_device = to_device(images[:batch], targets[:batch], args.device)
+        row = compiled_row(f"{short} training step, batch {batch}", batch, pair, training=True, sizes=sizes,
+                           make_call=lambda model: train_step_fn(model, our_optimizer(model), *on_device, args))
+        rows.append(with_flops(row, flops_per_image, args.peak_gflops))
     return rows
 
 
@@ -415,7 +425,29 @@ def infer_rows(short, pair, images, args, sizes):
         row = throughput_row(f"{short} inference end to end, batch {batch}", batch, seconds, "img/s",
                              pair.layout_note(training=False))
         rows.append(with_flops(row, flops_per_image, args.peak_gflops))
+    if args.compile:
+        batch = max(sizes.infer_batches)
+        batch_images = [image.to(args.device) for image in images[:batch]]
+        row = compiled_row(f"{short} inference end to end, batch {batch}", batch, pair, training=False, sizes=sizes,
+                           make_call=lambda model: inference_fn(model, batch_images, args))
+        rows.append(with_flops(row, flops_per_image, args.peak_gflops))
     return rows
+
+
+def compiled_row(name, batch, pair, training, sizes, make_call):
+    """Ours with the network compiled against ours eager, in the layout our scripts use (the eager figure goes in
+    the torchvision column). The note gives the compile time: compile_network and the first call, less one eager
+    call."""
+    eager = pair.fresh(training)[0]
+    compiled = copy.deepcopy(eager)
+    calls = [make_call(compiled), make_call(eager)]
+    start = time.perf_counter()
+    models.compile_network(compiled, training=training)
+    first_call_s = time_once(calls[0], pair.device)[0] + time.perf_counter() - start
+    compile_s = first_call_s - time_once(calls[1], pair.device)[0]
+    seconds, _ = time_interleaved(calls, sizes, pair.device)
+    return throughput_row(f"{name}, ours compiled vs ours eager", batch, seconds, "img/s",
+                          note=f"torchvision column: ours eager; compile {compile_s:.0f} s")
 
 
 def inference_fn(model, images, args):
@@ -755,6 +787,10 @@ def main(args):
             raise SystemExit("bench.py: error: --device cuda given but CUDA is not available")
         torch.backends.cudnn.benchmark = True  # SSD inputs have one fixed size
     sizes = QUICK if args.quick else FULL
+    if args.compile:
+        # Compile times as a first run sees them: inductor's on-disk caches would hide most of the work.
+        compile_cache = tempfile.TemporaryDirectory(prefix="bench-inductor-")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = compile_cache.name
     if args.repeats is not None:
         if args.repeats < 1:
             raise SystemExit(f"bench.py: error: --repeats must be at least 1, got {args.repeats}")
@@ -794,7 +830,8 @@ def main(args):
         print(f"\n{profile}")
     if args.json:
         report = {"date": started, "command": command, "machine": info, "sizes": asdict(sizes),
-                  "flags": {"device": str(args.device), "amp": args.amp, "channels_last": args.channels_last},
+                  "flags": {"device": str(args.device), "amp": args.amp, "channels_last": args.channels_last,
+                            "compile": args.compile},
                   "rows": rows}
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
 

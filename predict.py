@@ -219,6 +219,10 @@ def get_args_parser():
     parser.add_argument("--device", default="cpu", help="e.g. cpu, cuda, cuda:1")
     parser.add_argument("-b", "--batch-size", type=int, default=8, help="images per forward pass")
     parser.add_argument("--print-freq", type=int, default=20, help="print progress every N images")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the network (backbone and heads) with torch.compile: on a CPU SSDlite runs "
+                             "faster per image (SSD300 about the same), but compiling takes minutes (again for a "
+                             "smaller last batch), so it pays for many images only (figures in docs/performance.md)")
     return parser
 
 
@@ -242,6 +246,8 @@ def main(args):
     model.to(args.device)
     if models.prefers_channels_last(model_name, args.device, training=False):
         model.to(memory_format=torch.channels_last)
+    if args.compile:
+        models.compile_network(model)
     model.score_thresh = args.score_thresh
 
     records = []
@@ -261,7 +267,7 @@ def main(args):
 if __name__ == "__main__":
     try:
         main(get_args_parser().parse_args())
-    except (utils.UserInputError, models.WeightsError) as error:
+    except (utils.UserInputError, models.WeightsError, models.CompileError) as error:
         sys.exit(f"predict.py: {error}")
     except KeyboardInterrupt:
         print("predict.py: interrupted; detections.json lists the pictures written so far", file=sys.stderr)

@@ -127,6 +127,13 @@ def get_args_parser(add_help=True):
                        help="channels_last memory format for the convolutions (default: where measured faster: "
                             "on CPU SSDlite training and any --test-only, on CUDA SSD300; see "
                             "models.prefers_channels_last)")
+    model.add_argument("--compile", default="off", choices=["off", "eval", "all"],
+                       help="compile the network (backbone and heads) with torch.compile: 'eval' for evaluation "
+                            "only (and --test-only), 'all' for training too. Compiling takes minutes on a CPU, once "
+                            "per mode and again for a smaller last batch. On a CPU it was measured to pay for long "
+                            "SSDlite evaluations only (SSD300 runs the same convolutions either way, and a compiled "
+                            "training step is no faster), so 'all' is meant for GPUs (default: off; figures in "
+                            "docs/performance.md)")
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -464,6 +471,9 @@ def build_model(args, num_classes, class_names, device, resume_checkpoint):
         model.to(memory_format=torch.channels_last)
     if args.distributed and args.sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if args.compile != "off":
+        # The inner network, before any DistributedDataParallel wrapping: DDP's hooks stay outside the graphs.
+        models.compile_network(model, training=args.compile == "all")
     return model
 
 
@@ -820,8 +830,9 @@ def one_line(error):
     return last
 
 
-USER_ERRORS = (ConfigError, coco_utils.DatasetError, models.WeightsError, engine.NonFiniteLossError,
-               utils.DistributedSetupError, utils.UserInputError, utils.OptionalDependencyError)
+USER_ERRORS = (ConfigError, coco_utils.DatasetError, models.WeightsError, models.CompileError,
+               engine.NonFiniteLossError, utils.DistributedSetupError, utils.UserInputError,
+               utils.OptionalDependencyError)
 
 if __name__ == "__main__":
     args = get_args_parser().parse_args()

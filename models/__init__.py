@@ -2,6 +2,7 @@
 names (same state_dict, losses and detections), without depending on torchvision's detection code."""
 import torch
 
+from .compile import CompileError, compile_network
 from .ssd import SSD, ssd300_vgg16
 from .ssdlite import ssdlite320_mobilenet_v3_large
 from .weights import WeightsError, class_names, load_checkpoint_file, load_model_state, read_weights_metadata
@@ -22,8 +23,9 @@ _CHANNELS_LAST = {  # (device type, training) -> model names
 }
 
 __all__ = [
-    "SSD", "WeightsError", "class_names", "get_model", "list_models", "load_checkpoint_file", "load_detector",
-    "load_model_state", "prefers_channels_last", "read_weights_metadata", *_BUILDERS,
+    "SSD", "CompileError", "WeightsError", "class_names", "compile_network", "get_model", "list_models",
+    "load_checkpoint_file", "load_detector", "load_model_state", "prefers_channels_last", "read_weights_metadata",
+    *_BUILDERS,
 ]
 
 

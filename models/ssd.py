@@ -69,6 +69,11 @@ class SSD(nn.Module):
         self.iou_thresh = iou_thresh
         # Hard negative mining keeps (1 - p) / p negatives per positive: 3 for the paper's p = 0.25.
         self.neg_to_pos_ratio = (1.0 - positive_fraction) / positive_fraction
+        # Set by models.compile_network: SSD.network compiled, called as compiled_network(self, batch) in eval mode
+        # (and in training mode where compiled_for_training). A function, not a submodule: the state_dict keeps
+        # its keys.
+        self.compiled_network = None
+        self.compiled_for_training = False
 
     def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None):
         batch, original_sizes = self.preprocess(images)
@@ -103,13 +108,22 @@ class SSD(nn.Module):
         )
 
     def _head_outputs(self, batch: Tensor) -> tuple[dict[str, Tensor], Tensor]:
-        features = self.backbone(batch)
+        if self.compiled_network is not None and (self.compiled_for_training or not self.training):
+            head_outputs, feature_sizes = self.compiled_network(self, batch)
+        else:
+            head_outputs, feature_sizes = self.network(batch)
         # At least float32 under autocast: float16 pixel coordinates near 300 are only 0.25 px apart.
         anchors = self.anchor_generator(
-            [feature.shape[-2:] for feature in features], self.size,
-            torch.promote_types(features[0].dtype, torch.float32), batch.device,
+            feature_sizes, self.size, torch.promote_types(head_outputs["cls_logits"].dtype, torch.float32),
+            batch.device,
         )
-        return self.head(features), anchors
+        return head_outputs, anchors
+
+    def network(self, batch: Tensor) -> tuple[dict[str, Tensor], list[torch.Size]]:
+        """Backbone and heads: the head outputs and the (H, W) of each feature map. The part of the forward
+        that models.compile_network compiles."""
+        features = self.backbone(batch)
+        return self.head(features), [feature.shape[-2:] for feature in features]
 
     def _batch_targets(self, targets, original_sizes) -> tuple[Tensor, Tensor, Tensor]:
         """Targets padded into [B, M] tensors, boxes moved to the resized input."""

@@ -25,7 +25,8 @@ def test_report_has_every_row_with_positive_figures_and_exact_ratios(quick_run):
     report, _ = quick_run
     assert {"date", "command", "machine", "sizes", "flags", "rows"} <= set(report)
     assert report["machine"]["versions"]["torch"] and report["machine"]["cpu_count"] >= 1
-    assert "--quick" in report["command"] and report["flags"] == {"device": "cpu", "amp": False, "channels_last": None}
+    assert "--quick" in report["command"] and report["flags"] == {"device": "cpu", "amp": False, "channels_last": None,
+                                                                   "compile": False}
     kinds = ["training step, batch 2", "training step, batch 3", "inference end to end, batch 1",
              "inference end to end, batch 2", "post-processing, batch 2", "loss, batch 2",
              "ssdlite policy, 0 workers", "ssdlite policy, 2 workers", "pycocotools", "faster-coco-eval"]
