@@ -245,7 +245,7 @@ def _generate(root, params, workers=1):
 
 def _describe(params):
     made = ", ".join(f"{k}={params.get(k)}" for k in ("num_train", "num_val", "seed", "version"))
-    return f"{made}, layout={params.get('layout', 'coco')}, image_size={params.get('image_size', 'varied')}"
+    return f"{made}, image_size={params.get('image_size', 'varied')}, layout={params.get('layout', 'coco')}"
 
 
 def ensure_shapes_dataset(root, num_train=1000, num_val=200, seed=0, layout="coco", image_size=None, workers=1):

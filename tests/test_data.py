@@ -344,7 +344,7 @@ def test_shapes_of_a_fixed_size_are_the_same_files_whatever_the_number_of_worker
     assert Image.open(io.BytesIO(one["train2017/000009.jpg"])).size == (640, 480)
     assert json.loads(one["shapes_manifest.json"])["image_size"] == [640, 480]
     # The manifest tells the sizes apart: the default (varied) sizes are refused in that folder.
-    with pytest.raises(coco_utils.DatasetError, match="image_size=\\[640, 480\\], not .*image_size=varied"):
+    with pytest.raises(coco_utils.DatasetError, match="image_size=\\[640, 480\\], layout=coco, not .*image_size=varied"):
         shapes.ensure_shapes_dataset(tmp_path / "one", num_train=9, num_val=2)
 
 
