@@ -75,7 +75,7 @@ class Sizes:
     detections_per_image: int
     repeats: int
     warmup: int
-    peak_matmul_size: int  # n of the n x n float32 matmul that measures the machine's peak
+    peak_matmul_size: int  # n of the n x n float32 matmul (and n / 8 the channels of the convolution) measuring the peak
 
     def largest_batch(self):
         return max(self.train_batches + self.infer_batches + (self.postprocess_batch, self.loss_batch))
@@ -161,11 +161,18 @@ def count_flops(fn):
 
 
 def measured_peak_gflops(device, size):
-    """The machine's own float32 ceiling for comparison: GFLOP/s of a large dense matmul (2 n^3 operations), the
-    best of a few runs, on the same threads and device as the rows."""
+    """The machine's own float32 ceiling for comparison: GFLOP/s of a large dense matmul (2 n^3 operations, through
+    BLAS) and of a large dense 3x3 convolution (n / 8 channels in and out, 38x38, batch 8, through the library that
+    runs the models' convolutions), each the best of a few runs on the same threads and device as the rows. The two
+    libraries can be far apart on one CPU, so the ceiling is the larger."""
     a, b = (torch.randn(size, size, device=device) for _ in range(2))
-    seconds = min(time_once(lambda: a @ b, device)[0] for _ in range(4))
-    return 2 * size**3 / seconds / 1e9
+    matmul_s = min(time_once(lambda: a @ b, device)[0] for _ in range(4))
+    channels = size // 8
+    conv = torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False).to(device)
+    x = torch.randn(8, channels, 38, 38, device=device)
+    with torch.no_grad():
+        conv_s = min(time_once(lambda: conv(x), device)[0] for _ in range(4))
+    return {"matmul": 2 * size**3 / matmul_s / 1e9, "convolution": 2 * x.numel() * channels * 9 / conv_s / 1e9}
 
 
 def with_flops(row, flops_per_image, peak_gflops):
@@ -770,7 +777,8 @@ def machine_info(device):
     versions = {name: importlib.metadata.version(name)
                 for name in ("torch", "torchvision", "numpy", "pillow", "pycocotools", "faster-coco-eval")}
     return {
-        "cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "cpu": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
         "load_average_at_start": os.getloadavg()[0], "platform": platform.platform(),
         "python": platform.python_version(), "versions": versions,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -799,7 +807,8 @@ def main(args):
     args.peak_gflops = None
     if {"train", "infer"} & set(args.rows):
         log("measuring the float32 matmul peak")
-        info["peak_gflops"] = args.peak_gflops = measured_peak_gflops(args.device, sizes.peak_matmul_size)
+        info["peak_gflops_by_operation"] = measured_peak_gflops(args.device, sizes.peak_matmul_size)
+        info["peak_gflops"] = args.peak_gflops = max(info["peak_gflops_by_operation"].values())
     started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     rows, profiles = [], []
     with tempfile.TemporaryDirectory() as tmp:
@@ -818,12 +827,15 @@ def main(args):
         rows += eval_rows(sizes, args.device)
 
     command = " ".join(["python"] + sys.argv)
-    print(f"# {command}\n# {started}; {info['cpu']}, {info['cpu_count']} cpus, {info['torch_threads']} torch threads, "
+    print(f"# {command}\n# {started}; {info['cpu']} ({info['cpu_capability']}), {info['cpu_count']} cpus, {info['torch_threads']} torch threads, "
           f"device {info['device']}, torch {info['versions']['torch']}, torchvision {info['versions']['torchvision']}, "
           f"load average at start {info['load_average_at_start']:.2f}")
     if args.peak_gflops:
-        print(f"# measured peak: {significant(args.peak_gflops)} GFLOP/s (float32 matmul of "
-              f"{sizes.peak_matmul_size}x{sizes.peak_matmul_size} matrices); training and inference rows show the "
+        by_operation = info["peak_gflops_by_operation"]
+        print(f"# measured peak: {significant(args.peak_gflops)} GFLOP/s (the better of a float32 matmul of "
+              f"{sizes.peak_matmul_size}x{sizes.peak_matmul_size} matrices, {significant(by_operation['matmul'])}, "
+              f"and a dense 3x3 convolution, {significant(by_operation['convolution'])}); training and inference "
+              "rows show the "
               "GFLOP/s each side achieves, from FlopCounterMode's count of the model's FLOPs")
     print(format_table(rows))
     for profile in profiles:

@@ -46,6 +46,8 @@ def test_report_has_every_row_with_positive_figures_and_exact_ratios(quick_run):
 def test_model_rows_report_achieved_gflops_against_the_measured_peak(quick_run):
     report, _ = quick_run
     peak = report["machine"]["peak_gflops"]
+    by_operation = report["machine"]["peak_gflops_by_operation"]
+    assert set(by_operation) == {"matmul", "convolution"} and peak == max(by_operation.values())
     assert math.isfinite(peak) and peak > 0
     # SSDlite320 is 0.58 GMAC per image (torchvision's published figure): 1.17 GFLOP forward, 3x that for a step.
     expected_gflop_per_image = {"inference": 1.166, "training": 3 * 1.166}
