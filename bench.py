@@ -377,9 +377,7 @@ def train_rows(short, pair, images, targets, args, sizes):
     flops_per_image = None
     for batch in sizes.train_batches:
         on_device = to_device(images[:batch], targets[:batch], args.device)
-        ours, theirs = pair.fresh(training=True)
-        steps = [train_step_fn(ours, our_optimizer(ours), *on_device, args),
-                 train_step_fn(theirs, torchvision_optimizer(theirs), *on_device, args)]
+        steps = training_steps(pair, on_device, args)
         if flops_per_image is None:  # the same architecture on both sides: counted once, on the smallest batch
             forward_flops = count_flops(lambda: pair.ours(*on_device))
             flops_per_image = (1 + BACKWARD_FLOPS_PER_FORWARD) * forward_flops / batch
@@ -394,6 +392,13 @@ def train_rows(short, pair, images, targets, args, sizes):
                            make_call=lambda model: train_step_fn(model, our_optimizer(model), *on_device, args))
         rows.append(with_flops(row, flops_per_image, args.peak_gflops))
     return rows
+
+
+def training_steps(pair, on_device, args):
+    """[ours, torchvision's] training step on the same fresh weights, each with the optimizer its scripts build."""
+    ours, theirs = pair.fresh(training=True)
+    return [train_step_fn(ours, our_optimizer(ours), *on_device, args),
+            train_step_fn(theirs, torchvision_optimizer(theirs), *on_device, args)]
 
 
 def our_optimizer(model):
@@ -540,14 +545,11 @@ def torchvision_loss(model, targets, outputs, anchors):
 def profile_reports(short, pair, images, targets, args, sizes):
     """--profile: one training step and one inference batch of each side, as the timed rows run them."""
     batch = sizes.train_batches[0]
-    on_device = to_device(images[:batch], targets[:batch], args.device)
-    ours, theirs = pair.fresh(training=True)
-    works = {f"{short} training step, batch {batch}, ours": train_step_fn(ours, our_optimizer(ours), *on_device, args),
-             f"{short} training step, batch {batch}, torchvision":
-                 train_step_fn(theirs, torchvision_optimizer(theirs), *on_device, args)}
+    steps = training_steps(pair, to_device(images[:batch], targets[:batch], args.device), args)
+    reports = [profile_report(f"{short} training step, batch {batch}, {side}", step, args)
+               for side, step in zip(("ours", "torchvision"), steps)]
     batch = max(sizes.infer_batches)
     batch_images = [image.to(args.device) for image in images[:batch]]
-    reports = [profile_report(title, work, args) for title, work in works.items()]
     for side, model in zip(("ours", "torchvision"), pair.fresh()):
         reports.append(profile_report(f"{short} inference end to end, batch {batch}, {side}",
                                       inference_fn(model, batch_images, args), args))
@@ -807,7 +809,7 @@ def main(args):
     info = machine_info(args.device)
     args.peak_gflops = None
     if {"train", "infer"} & set(args.rows):
-        log("measuring the float32 matmul peak")
+        log("measuring the float32 peak (a matmul and a convolution)")
         info["peak_gflops_by_operation"] = measured_peak_gflops(args.device, sizes.peak_matmul_size)
         info["peak_gflops"] = args.peak_gflops = max(info["peak_gflops_by_operation"].values())
     started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
@@ -820,24 +822,21 @@ def main(args):
                 count = max(sizes.data_images, sizes.largest_batch())
                 log(f"writing {count} COCO-like JPEGs")
                 root = write_coco_like_images(Path(tmp) / "coco", count)
-            model_and_data = model_and_data_rows(root, args, sizes)
-            rows += model_and_data[0]
-            profiles += model_and_data[1]
+            rows, profiles = model_and_data_rows(root, args, sizes)
     if "eval" in args.rows:
         log("COCO evaluation")
         rows += eval_rows(sizes, args.device)
 
     command = " ".join(["python"] + sys.argv)
-    print(f"# {command}\n# {started}; {info['cpu']} ({info['cpu_capability']}), {info['cpu_count']} cpus, {info['torch_threads']} torch threads, "
-          f"device {info['device']}, torch {info['versions']['torch']}, torchvision {info['versions']['torchvision']}, "
+    print(f"# {command}\n# {started}; {info['cpu']} ({info['cpu_capability']}), {info['cpu_count']} cpus, "
+          f"{info['torch_threads']} torch threads, device {info['device']}, torch {info['versions']['torch']}, torchvision {info['versions']['torchvision']}, "
           f"load average at start {info['load_average_at_start']:.2f}")
     if args.peak_gflops:
         by_operation = info["peak_gflops_by_operation"]
         print(f"# measured peak: {significant(args.peak_gflops)} GFLOP/s (the better of a float32 matmul of "
               f"{sizes.peak_matmul_size}x{sizes.peak_matmul_size} matrices, {significant(by_operation['matmul'])}, "
               f"and a dense 3x3 convolution, {significant(by_operation['convolution'])}); training and inference "
-              "rows show the "
-              "GFLOP/s each side achieves, from FlopCounterMode's count of the model's FLOPs")
+              "rows show the GFLOP/s each side achieves, from FlopCounterMode's count of the model's FLOPs")
     print(format_table(rows))
     for profile in profiles:
         print(f"\n{profile}")
