@@ -79,13 +79,13 @@ def train_one_epoch(model, optimizer, data_loader, device, epoch, print_freq, sc
             loss_dict = model(images, targets)
             losses = sum(loss_dict.values())
 
-        # Every rank sees the same averaged value, so all ranks stop together. This .item() is the loop's one sync.
-        loss_dict_reduced = utils.reduce_dict(loss_dict)
+        # Every rank sees the same averaged losses and stop signal (one collective call), so all ranks stop
+        # together. Reading them back is the loop's one sync.
+        loss_dict_reduced, stop_signal = utils.reduce_losses_and_stop_signal(loss_dict)
         loss_reduced = sum(loss_dict_reduced.values())
         if not math.isfinite(loss_reduced.item()):
             raise NonFiniteLossError(_describe_non_finite(epoch, iteration, loss_reduced, loss_dict_reduced, targets))
         # SIGINT / SIGTERM (deferred by the caller) stop the run here, between steps, on every rank at once.
-        stop_signal = utils.stop_signal_anywhere(device)
         if stop_signal:
             raise utils.StopRequested(stop_signal, f"at epoch {epoch}, iteration {iteration}")
 

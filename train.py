@@ -125,8 +125,8 @@ def get_args_parser(add_help=True):
     model.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (SSDlite)")
     model.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                        help="channels_last memory format for the convolutions (default: where measured faster: "
-                            "on CPU SSDlite training and any --test-only, on CUDA SSD300; see "
-                            "models.prefers_channels_last)")
+                            "on CPU SSDlite training, SSD300 training on CPUs with AVX-512 and any --test-only, on "
+                            "CUDA SSD300; see models.prefers_channels_last)")
     model.add_argument("--compile", default="off", choices=["off", "eval", "all"],
                        help="compile the network (backbone and heads) with torch.compile: 'eval' for evaluation "
                             "only (and --test-only), 'all' for training too. Compiling takes minutes on a CPU, once "
@@ -224,9 +224,9 @@ def validate_args(args):
             raise ConfigError(f"{flag} needs an --output-dir")
     if args.dataset == "shapes" and (args.shapes_num_train < 1 or args.shapes_num_val < 1):
         raise ConfigError("--shapes-num-train and --shapes-num-val must be at least 1")
-    if args.amp and args.device.startswith("cpu"):
-        print("warning: --amp on CPU uses bfloat16 autocast, which is emulated (several times slower) "
-              "on CPUs without AVX512-BF16/AMX", file=sys.stderr)
+    if args.amp and args.device.startswith("cpu") and not utils.cpu_has_bfloat16_instructions():
+        print("warning: --amp on CPU uses bfloat16 autocast, which this CPU emulates (no AVX512-BF16 or AMX): "
+              "several times slower than float32", file=sys.stderr)
     validate_voc_args(args)
     utils.check_device(args.device)
 

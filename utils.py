@@ -210,6 +210,20 @@ def reduce_dict(input_dict, average=True):
         return dict(zip(names, values))
 
 
+def reduce_losses_and_stop_signal(loss_dict):
+    """The loss terms averaged over all processes, and the stop signal any process received (0 if none; SIGTERM
+    before SIGINT), the same on every rank, so that all processes stop at the same training step instead of leaving
+    the others waiting in a collective. One collective call for both: each stop signal is a 0/1 term in the sum."""
+    signum = _stop["signal"] or 0
+    if get_world_size() < 2:
+        return loss_dict, signum
+    a_loss = next(iter(loss_dict.values()))
+    flags = torch.tensor([float(signum == s) for s in STOP_SIGNALS], dtype=a_loss.dtype, device=a_loss.device)
+    reduced = reduce_dict({**loss_dict, **{f"stop signal {s}": flag for s, flag in zip(STOP_SIGNALS, flags)}})
+    received = torch.stack([reduced.pop(f"stop signal {s}") for s in STOP_SIGNALS]).tolist()
+    return reduced, int(max((s for s, share in zip(STOP_SIGNALS, received) if share > 0), default=0))
+
+
 def setup_for_distributed(is_master):
     """Silence print() on every process but the master; print(..., force=True) still prints everywhere."""
     builtin_print = builtins.print
@@ -501,6 +515,7 @@ class StopRequested(BaseException):
         super().__init__(f"stopped by {signal.Signals(signum).name}{' ' + where if where else ''}")
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _stop = {"signal": None, "deferring": 0}
 
 
@@ -512,19 +527,8 @@ def _on_stop_signal(signum, frame):
 
 def install_stop_handlers():
     """SIGINT and SIGTERM raise StopRequested, at once or, inside deferred_stop(), at the end of that block."""
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in STOP_SIGNALS:
         signal.signal(signum, _on_stop_signal)
-
-
-def stop_signal_anywhere(device):
-    """The stop signal received by any process (0 if none), the same on every rank: a collective call, so that all
-    processes stop at the same training step instead of leaving the others waiting in a collective."""
-    signum = _stop["signal"] or 0
-    if get_world_size() == 1:
-        return signum
-    flag = torch.tensor([signum], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return int(flag.item())
 
 
 @contextlib.contextmanager
@@ -584,6 +588,18 @@ def tensorboard_writer_class():
 def autocast_dtype(device_type):
     """The --amp autocast dtype: float16 on CUDA (with loss scaling), bfloat16 elsewhere (CPU autocast's own)."""
     return torch.float16 if device_type == "cuda" else torch.bfloat16
+
+
+def cpu_has_bfloat16_instructions(cpuinfo="/proc/cpuinfo"):
+    """Whether the CPU reports AVX512-BF16 or AMX-BF16, the instructions that run --amp's bfloat16 autocast natively
+    (without them bfloat16 is emulated, several times slower than float32). Reads Linux's cpuinfo; False where there
+    is none to read."""
+    try:
+        with open(cpuinfo) as file:
+            words = set(file.read().split())
+    except OSError:
+        return False
+    return bool(words & {"avx512_bf16", "amx_bf16"})
 
 
 def seed_everything(seed):

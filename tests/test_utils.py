@@ -5,6 +5,7 @@ import json
 import os
 import random
 import re
+import signal
 import socket
 import types
 
@@ -178,6 +179,19 @@ def test_seed_everything_is_reproducible():
     assert _draws() == first
 
 
+def test_bfloat16_instructions_are_read_from_the_cpu_flags(tmp_path):
+    """train.py warns that --amp on CPU is slow only where the CPU lacks native bfloat16 (AVX512-BF16 or AMX)."""
+    def cpuinfo(flags):
+        path = tmp_path / f"cpuinfo-{len(flags)}"
+        path.write_text("".join(f"processor\t: {cpu}\nflags\t\t: fpu sse2 avx2 {flags}\n\n" for cpu in range(2)))
+        return path
+
+    assert not utils.cpu_has_bfloat16_instructions(cpuinfo("avx512f avx512bw"))
+    assert utils.cpu_has_bfloat16_instructions(cpuinfo("avx512f avx512_bf16"))
+    assert utils.cpu_has_bfloat16_instructions(cpuinfo("amx_tile amx_bf16"))
+    assert not utils.cpu_has_bfloat16_instructions(tmp_path / "no such file")
+
+
 def test_setup_for_distributed_silences_non_master(monkeypatch, capsys):
     monkeypatch.setattr(builtins, "print", builtins.print)  # restored after the test
     utils.setup_for_distributed(is_master=False)
@@ -220,7 +234,17 @@ def _distributed_worker(rank, port, out_dir, gt_path, predictions):
 
     args = types.SimpleNamespace(dist_url="env://", device="cpu")
     utils.init_distributed_mode(args)
-    reduced = utils.reduce_dict({"b": torch.tensor(10.0 * rank), "a": torch.tensor(rank + 1.0)})
+    losses = {"b": torch.tensor(10.0 * rank), "a": torch.tensor(rank + 1.0)}
+    reduced, no_signal = utils.reduce_losses_and_stop_signal(losses)
+    # A SIGTERM that only rank 1 receives, during a training step, reaches rank 0 through the same reduction.
+    utils.install_stop_handlers()
+    try:
+        with utils.deferred_stop():
+            if rank == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+            reduced_again, stop_signal = utils.reduce_losses_and_stop_signal(losses)
+    except utils.StopRequested:
+        assert rank == 1
 
     # What DistributedSampler(shuffle=False) gives each rank for an odd dataset: rank 0 repeats image 0 as padding.
     image_ids = sorted(predictions)
@@ -231,13 +255,13 @@ def _distributed_worker(rank, port, out_dir, gt_path, predictions):
     evaluator.synchronize_between_processes()
     evaluator.accumulate()
     evaluator.summarize()
-    result = {"reduced": {k: v.item() for k, v in reduced.items()}, "gathered": utils.all_gather(rank * 7),
-              "stats": evaluator.stats}
+    result = {"reduced": [{k: v.item() for k, v in r.items()} for r in (reduced, reduced_again)],
+              "signals": [no_signal, stop_signal], "gathered": utils.all_gather(rank * 7), "stats": evaluator.stats}
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pth"))
     torch.distributed.destroy_process_group()
 
 
-def test_two_gloo_processes_reduce_gather_and_evaluate_like_one(tmp_path):
+def test_two_gloo_processes_reduce_stop_gather_and_evaluate_like_one(tmp_path):
     # Imported here, not at the top: the spawned workers import this module and need none of it.
     from helpers import evaluate, jittered_evaluation
 
@@ -247,7 +271,8 @@ def test_two_gloo_processes_reduce_gather_and_evaluate_like_one(tmp_path):
     mp.spawn(_distributed_worker, args=(_free_port(), str(tmp_path), str(gt_path), predictions), nprocs=2)
     for rank in range(2):
         result = torch.load(tmp_path / f"rank{rank}.pth", weights_only=True)
-        assert result["reduced"] == {"a": 1.5, "b": 5.0}
+        assert result["reduced"] == [{"a": 1.5, "b": 5.0}] * 2
+        assert result["signals"] == [0, signal.SIGTERM]
         assert result["gathered"] == [0, 7]
         assert result["stats"] == single_process  # padding repeats dropped: exactly the single-process numbers
     assert 0.1 < single_process[0] < 0.9
