@@ -75,7 +75,7 @@ class Sizes:
     detections_per_image: int
     repeats: int
     warmup: int
-    peak_matmul_size: int  # n of the n x n float32 matmul (and n / 8 the channels of the convolution) measuring the peak
+    peak_matmul_size: int  # n of the n x n matmul (and n / 8 the channels of the convolution) measuring the peak
 
     def largest_batch(self):
         return max(self.train_batches + self.infer_batches + (self.postprocess_batch, self.loss_batch))
@@ -160,16 +160,17 @@ def count_flops(fn):
     return counter.get_total_flops()
 
 
-def measured_peak_gflops(device, size):
-    """The machine's own float32 ceiling for comparison: GFLOP/s of a large dense matmul (2 n^3 operations, through
-    BLAS) and of a large dense 3x3 convolution (n / 8 channels in and out, 38x38, batch 8, through the library that
-    runs the models' convolutions), each the best of a few runs on the same threads and device as the rows. The two
-    libraries can be far apart on one CPU, so the ceiling is the larger."""
-    a, b = (torch.randn(size, size, device=device) for _ in range(2))
+def measured_peak_gflops(device, size, dtype):
+    """The machine's own ceiling in the rows' precision `dtype` (float32, or the autocast dtype under --amp, which
+    CPUs with bfloat16 instructions and GPUs run faster), for comparison: GFLOP/s of a large dense matmul (2 n^3
+    operations, through BLAS) and of a large dense 3x3 convolution (n / 8 channels in and out, 38x38, batch 8,
+    through the library that runs the models' convolutions), each the best of a few runs on the same threads and
+    device as the rows. The two libraries can be far apart on one CPU, so the ceiling is the larger."""
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
     matmul_s = min(time_once(lambda: a @ b, device)[0] for _ in range(4))
     channels = size // 8
-    conv = torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False).to(device)
-    x = torch.randn(8, channels, 38, 38, device=device)
+    conv = torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False).to(device, dtype)
+    x = torch.randn(8, channels, 38, 38, device=device, dtype=dtype)
     with torch.no_grad():
         conv_s = min(time_once(lambda: conv(x), device)[0] for _ in range(4))
     return {"matmul": 2 * size**3 / matmul_s / 1e9, "convolution": 2 * x.numel() * channels * 9 / conv_s / 1e9}
@@ -809,8 +810,10 @@ def main(args):
     info = machine_info(args.device)
     args.peak_gflops = None
     if {"train", "infer"} & set(args.rows):
-        log("measuring the float32 peak (a matmul and a convolution)")
-        info["peak_gflops_by_operation"] = measured_peak_gflops(args.device, sizes.peak_matmul_size)
+        peak_dtype = utils.autocast_dtype(args.device.type) if args.amp else torch.float32
+        info["peak_dtype"] = str(peak_dtype).removeprefix("torch.")
+        log(f"measuring the {info['peak_dtype']} peak (a matmul and a convolution)")
+        info["peak_gflops_by_operation"] = measured_peak_gflops(args.device, sizes.peak_matmul_size, peak_dtype)
         info["peak_gflops"] = args.peak_gflops = max(info["peak_gflops_by_operation"].values())
     started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     rows, profiles = [], []
@@ -833,8 +836,9 @@ def main(args):
           f"load average at start {info['load_average_at_start']:.2f}")
     if args.peak_gflops:
         by_operation = info["peak_gflops_by_operation"]
-        print(f"# measured peak: {significant(args.peak_gflops)} GFLOP/s (the better of a float32 matmul of "
-              f"{sizes.peak_matmul_size}x{sizes.peak_matmul_size} matrices, {significant(by_operation['matmul'])}, "
+        print(f"# measured peak: {significant(args.peak_gflops)} GFLOP/s (the better of a {info['peak_dtype']} "
+              f"matmul of {sizes.peak_matmul_size}x{sizes.peak_matmul_size} matrices, "
+              f"{significant(by_operation['matmul'])}, "
               f"and a dense 3x3 convolution, {significant(by_operation['convolution'])}); training and inference "
               "rows show the GFLOP/s each side achieves, from FlopCounterMode's count of the model's FLOPs")
     print(format_table(rows))

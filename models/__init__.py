@@ -14,10 +14,13 @@ _BUILDERS = {
 
 # Where channels_last was measured faster than the default layout, A/B on the models as our scripts run them (the
 # figures, machines and dates are in docs/performance.md, "Memory format"): on CPU, inference of both models and an
-# SSDlite training step (SSD300's dense 3x3 backward is slower in NHWC there); on CUDA, SSD300 only.
-_CHANNELS_LAST = {  # (device type, training) -> model names
+# SSDlite training step; an SSD300 training step only where the CPU has AVX-512 (oneDNN's NHWC kernels for its dense
+# 3x3 backward are slower than the default layout's with AVX2 alone); on CUDA, SSD300 only.
+_CHANNELS_LAST = {  # (device kind, training) -> model names
     ("cpu", True): {"ssdlite320_mobilenet_v3_large"},
     ("cpu", False): {"ssd300_vgg16", "ssdlite320_mobilenet_v3_large"},
+    ("cpu-avx512", True): {"ssd300_vgg16", "ssdlite320_mobilenet_v3_large"},
+    ("cpu-avx512", False): {"ssd300_vgg16", "ssdlite320_mobilenet_v3_large"},
     ("cuda", True): {"ssd300_vgg16"},
     ("cuda", False): {"ssd300_vgg16"},
 }
@@ -75,4 +78,8 @@ def load_detector(weights, model_name=None) -> tuple[SSD, str, dict[int, str]]:
 def prefers_channels_last(name: str, device, training: bool) -> bool:
     """Whether our scripts run model `name` in channels_last on `device` unless told otherwise: where it was
     measured faster (see above). Other devices keep the default layout."""
-    return name in _CHANNELS_LAST.get((torch.device(device).type, training), ())
+    kind = torch.device(device).type
+    # The vector instructions PyTorch's CPU kernels dispatch to (ATEN_CPU_CAPABILITY can lower them).
+    if kind == "cpu" and torch.backends.cpu.get_cpu_capability() == "AVX512":
+        kind = "cpu-avx512"
+    return name in _CHANNELS_LAST.get((kind, training), ())

@@ -49,6 +49,7 @@ def test_model_rows_report_achieved_gflops_against_the_measured_peak(quick_run):
     by_operation = report["machine"]["peak_gflops_by_operation"]
     assert set(by_operation) == {"matmul", "convolution"} and peak == max(by_operation.values())
     assert math.isfinite(peak) and peak > 0
+    assert report["machine"]["peak_dtype"] == "float32"  # the rows' precision: no --amp
     # SSDlite320 is 0.58 GMAC per image (torchvision's published figure): 1.17 GFLOP forward, 3x that for a step.
     expected_gflop_per_image = {"inference": 1.166, "training": 3 * 1.166}
     model_rows = [row for row in report["rows"] if "training step" in row["name"] or "inference" in row["name"]]
