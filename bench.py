@@ -4,7 +4,7 @@ Every row times the same work done by our code and by torchvision's reference co
 alternates each repeat, so drifting machine load hits both sides alike), warm-up excluded, median of the repeats.
 Both models get the same weights. One table is printed; --json saves every figure with the machine and versions.
 
-    python bench.py                                    # everything, both models, CPU (about an hour on 2 cores)
+    python bench.py                                    # everything, both models, CPU (the long run)
     python bench.py --quick                            # 1-2 minute smoke run with tiny sizes
     python bench.py --device cuda --amp --channels-last --model ssdlite320_mobilenet_v3_large --rows train infer
 
