@@ -98,7 +98,8 @@ def test_channels_last_is_chosen_where_measured_faster():
             "models.prefers_channels_last('ssd300_vgg16', 'cpu', training=True))")
     lowered = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True,
                              env={**os.environ, "ATEN_CPU_CAPABILITY": "avx2"})
-    assert lowered.stdout.split() == ["AVX2", "False"]
+    capability, prefers = lowered.stdout.split()
+    assert capability != "AVX512" and prefers == "False", lowered.stdout
 
 
 @pytest.mark.parametrize("name", [LITE, SSD300])
