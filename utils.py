@@ -218,9 +218,10 @@ def reduce_losses_and_stop_signal(loss_dict):
     if get_world_size() < 2:
         return loss_dict, signum
     a_loss = next(iter(loss_dict.values()))
+    flag_names = [f"stop signal {s}" for s in STOP_SIGNALS]
     flags = torch.tensor([float(signum == s) for s in STOP_SIGNALS], dtype=a_loss.dtype, device=a_loss.device)
-    reduced = reduce_dict({**loss_dict, **{f"stop signal {s}": flag for s, flag in zip(STOP_SIGNALS, flags)}})
-    received = torch.stack([reduced.pop(f"stop signal {s}") for s in STOP_SIGNALS]).tolist()
+    reduced = reduce_dict({**loss_dict, **dict(zip(flag_names, flags))})
+    received = torch.stack([reduced.pop(name) for name in flag_names]).tolist()  # one read back for all flags
     return reduced, int(max((s for s, share in zip(STOP_SIGNALS, received) if share > 0), default=0))
 
 
