@@ -239,7 +239,7 @@ def _match_image(boxes, scores, gt_boxes, gt_difficult):
 
 class VocEvaluator(CocoEvaluator):
     """Pascal VOC detection AP at IoU 0.5, both the VOC2007 11-point and the VOC2010+ area metric, computed as the
-    VOC devkit's VOCevaldet.m does, on ground truth from coco_utils.get_voc (annotations with "difficult").
+    VOC devkit's VOCevaldet.m does, on ground truth from voc_utils.get_voc (annotations with "difficult").
 
     The devkit ranks a class's detections over the whole split by descending score, keeping the results file's
     order on ties; here that order is the images' (ids follow the split lists) and each image's detections as the

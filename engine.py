@@ -6,7 +6,8 @@ import torch
 
 import utils
 from coco_eval import CocoEvaluator, VocEvaluator
-from coco_utils import get_categories, get_coco_api_from_dataset, is_voc
+from coco_utils import get_categories, get_coco_api_from_dataset
+from voc_utils import is_voc
 
 
 class NonFiniteLossError(RuntimeError):

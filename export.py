@@ -26,9 +26,10 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms.functional import pil_to_tensor
 
+import cli
 import coco_utils
 import models
-import utils
+import safe_io
 from models.postprocess import match_detections
 
 INPUT_NAMES = ["images"]
@@ -46,7 +47,7 @@ def require(module, package):
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise utils.UserInputError(f"export.py needs the optional package '{package}': pip install {package}") from None
+        raise cli.UserInputError(f"export.py needs the optional package '{package}': pip install {package}") from None
 
 
 class DetectionPipeline(torch.nn.Module):
@@ -100,7 +101,7 @@ def export_onnx(model, output, opset=None, metadata=None):
         verbose=False,
     )
     program.model.metadata_props.update(metadata or {})
-    with utils.replacing(output) as tmp_path:  # a failed or interrupted export never leaves a partial file
+    with safe_io.replacing(output) as tmp_path:  # a failed or interrupted export never leaves a partial file
         program.save(tmp_path, external_data=False)
 
 
@@ -114,7 +115,7 @@ def load_check_batch(paths, size, count=3, seed=0):
     try:
         images = [pil_to_tensor(coco_utils.load_rgb_image(path)).float().div(255) for path in paths]
     except coco_utils.DatasetError as error:
-        raise utils.UserInputError(f"--check: {error}") from None
+        raise cli.UserInputError(f"--check: {error}") from None
     return torch.cat([F.interpolate(image[None], size=size, mode="bilinear", align_corners=False) for image in images])
 
 
@@ -158,10 +159,10 @@ def get_args_parser():
 
 def check_output(args):
     """Before any work: --output must be writable and must not be one of the inputs (it would be replaced)."""
-    utils.check_output_file(args.output)
+    safe_io.check_output_file(args.output)
     for flag, path in [("--weights", args.weights)] + [("--check", path) for path in args.check]:
-        if utils.same_file(args.output, path):
-            raise utils.UserInputError(f"--output {args.output} is the {flag} input {path}: choose another file name")
+        if safe_io.same_file(args.output, path):
+            raise cli.UserInputError(f"--output {args.output} is the {flag} input {path}: choose another file name")
 
 
 def main(args):
@@ -169,10 +170,10 @@ def main(args):
         require(module, package)
     check_output(args)
     if args.opset is not None and args.opset < MIN_OPSET:
-        raise utils.UserInputError(f"--opset {args.opset}: the exporter writes opset {MIN_OPSET} or newer")
+        raise cli.UserInputError(f"--opset {args.opset}: the exporter writes opset {MIN_OPSET} or newer")
     model, model_name, class_names = models.load_detector(args.weights, args.model)
     if args.score_thresh is not None:
-        utils.check_score_thresh(args.score_thresh)
+        cli.check_score_thresh(args.score_thresh)
         model.score_thresh = args.score_thresh
     batch = load_check_batch(args.check, model.size)
     # The reference is the model's normal eval path (list in, per-image dicts out), so the check covers the whole
@@ -198,7 +199,7 @@ def main(args):
 if __name__ == "__main__":
     try:
         main(get_args_parser().parse_args())
-    except (utils.UserInputError, models.WeightsError) as error:
+    except (cli.UserInputError, models.WeightsError) as error:
         sys.exit(f"export.py: {error}")
     except KeyboardInterrupt:
         print("export.py: interrupted; no partial ONNX file was left", file=sys.stderr)

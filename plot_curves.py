@@ -15,7 +15,7 @@ import sys
 # and a training process that imports this module keeps whatever backend it had.
 from matplotlib.figure import Figure
 
-import utils
+import safe_io
 
 REQUIRED_KEYS = {"epoch", "lr", "train"}
 # Accuracy panel per evaluation kind: (log key, {metric: legend label}, title); the first kind the log holds is drawn.
@@ -95,7 +95,7 @@ def _save(figure, output_path):
         # Epochs are whole numbers; without this a 2-epoch run gets ticks at 0.25, 0.5, ...
         axes.xaxis.get_major_locator().set_params(integer=True)
     # Rename into place so that someone watching the file never opens a half-written picture.
-    with utils.replacing(output_path) as temporary_path:
+    with safe_io.replacing(output_path) as temporary_path:
         figure.savefig(temporary_path, format="png", dpi=100)
 
 

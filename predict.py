@@ -27,9 +27,10 @@ from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor
 from torchvision.utils import draw_bounding_boxes
 
+import cli
 import coco_utils
 import models
-import utils
+import safe_io
 
 SUMMARY_NAME = "detections.json"
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -55,7 +56,7 @@ def find_images(inputs, output_dir):
         elif os.path.isdir(item):
             candidates = [(path, os.path.relpath(path, item)) for path in walk_images(item, skip=output_dir)]
         else:
-            raise utils.UserInputError(f"input {item}: no such file or folder")
+            raise cli.UserInputError(f"input {item}: no such file or folder")
         for path, relative in candidates:
             if os.path.realpath(path) not in seen:
                 seen.add(os.path.realpath(path))
@@ -93,7 +94,7 @@ def check_output_dir_holds_no_input(output_dir, inputs):
     for item in inputs:
         if os.path.commonpath([output, os.path.realpath(item)]) == output:
             what = "is the input" if os.path.realpath(item) == output else "holds the input"
-            raise utils.UserInputError(f"--output-dir {output_dir} {what} {item}: pictures could replace your images; "
+            raise cli.UserInputError(f"--output-dir {output_dir} {what} {item}: pictures could replace your images; "
                              "choose a folder outside the inputs")
 
 
@@ -105,7 +106,7 @@ def check_no_foreign_file_replaced(output_dir, picture_names):
     foreign = [name for name in existing if name not in earlier_outputs(output_dir)]
     if foreign:
         more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
-        raise utils.UserInputError(f"--output-dir {output_dir} already holds {foreign[0]}{more}, which no earlier predict.py "
+        raise cli.UserInputError(f"--output-dir {output_dir} already holds {foreign[0]}{more}, which no earlier predict.py "
                          "run there wrote: choose another --output-dir")
 
 
@@ -227,10 +228,10 @@ def get_args_parser():
 
 
 def validate_args(args):
-    utils.check_score_thresh(args.score_thresh)
+    cli.check_score_thresh(args.score_thresh)
     if args.batch_size < 1 or args.print_freq < 1:
-        raise utils.UserInputError("--batch-size and --print-freq must be at least 1")
-    utils.check_device(args.device)
+        raise cli.UserInputError("--batch-size and --print-freq must be at least 1")
+    cli.check_device(args.device)
 
 
 def main(args):
@@ -238,10 +239,10 @@ def main(args):
     images = find_images(args.inputs, args.output_dir)
     if not images:
         extensions = " ".join(sorted(IMAGE_EXTENSIONS))
-        raise utils.UserInputError(f"no image found in {' '.join(args.inputs)} (extensions: {extensions})")
+        raise cli.UserInputError(f"no image found in {' '.join(args.inputs)} (extensions: {extensions})")
     check_output_dir_holds_no_input(args.output_dir, args.inputs)
     check_no_foreign_file_replaced(args.output_dir, [picture_name for _, picture_name in images])
-    utils.prepare_output_dir(args.output_dir)
+    safe_io.prepare_output_dir(args.output_dir)
     model, model_name, class_names = models.load_detector(args.weights, args.model)
     model.to(args.device)
     if models.prefers_channels_last(model_name, args.device, training=False):
@@ -257,9 +258,9 @@ def main(args):
         if records:
             summary = {"model": model_name, "weights": args.weights, "score_thresh": args.score_thresh,
                        "images": records}
-            utils.write_text_atomic(os.path.join(args.output_dir, SUMMARY_NAME), json.dumps(summary, indent=1))
+            safe_io.write_text_atomic(os.path.join(args.output_dir, SUMMARY_NAME), json.dumps(summary, indent=1))
     if not records:
-        raise utils.UserInputError(f"none of the {len(images)} input images could be read")
+        raise cli.UserInputError(f"none of the {len(images)} input images could be read")
     total = sum(len(record["detections"]) for record in records)
     print(f"{total} detections in {len(records)} images; pictures and detections.json in {args.output_dir}")
 
@@ -267,7 +268,7 @@ def main(args):
 if __name__ == "__main__":
     try:
         main(get_args_parser().parse_args())
-    except (utils.UserInputError, models.WeightsError, models.CompileError) as error:
+    except (cli.UserInputError, models.WeightsError, models.CompileError) as error:
         sys.exit(f"predict.py: {error}")
     except KeyboardInterrupt:
         print("predict.py: interrupted; detections.json lists the pictures written so far", file=sys.stderr)

@@ -37,13 +37,16 @@ if __name__ == "__main__":
 import torch
 import torch.utils.data
 
+import cli
 import coco_eval
 import coco_utils
 import engine
 import models
 import presets
+import safe_io
 import shapes
 import utils
+import voc_utils
 from group_by_aspect_ratio import GroupedBatchSampler, create_aspect_ratio_groups
 from plot_curves import plot_curves
 
@@ -68,13 +71,8 @@ class ConfigError(ValueError):
     """A flag, or a combination of flags, that cannot work; reported in one line without a traceback."""
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def get_args_parser(add_help=True):
-    parser = _OneLineParser(description="SSD detection training", add_help=add_help)
+    parser = cli.OneLineParser(description="SSD detection training", add_help=add_help)
 
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", default="coco", choices=["coco", "shapes", "voc"],
@@ -228,7 +226,7 @@ def validate_args(args):
         print("warning: --amp on CPU uses bfloat16 autocast, which this CPU emulates (no AVX512-BF16 or AMX): "
               "several times slower than float32", file=sys.stderr)
     validate_voc_args(args)
-    utils.check_device(args.device)
+    cli.check_device(args.device)
 
 
 def fill_in_implied_flags(args):
@@ -245,7 +243,7 @@ def voc_splits(args, is_train):
     else:
         flag, value = "--val-split", None if args.val_split is None else [args.val_split]
     try:
-        return None if value is None else [coco_utils.parse_voc_split(split) for split in value]
+        return None if value is None else [voc_utils.parse_voc_split(split) for split in value]
     except ValueError as error:
         raise ConfigError(f"{flag}: {error}") from None
 
@@ -326,9 +324,9 @@ def get_datasets(args):
 
 
 def get_voc_dataset(args, is_train):
-    return coco_utils.get_voc(
+    return voc_utils.get_voc(
         args.data_path, "train" if is_train else "val", get_transform(is_train, args), use_v2=args.use_v2,
-        splits=voc_splits(args, is_train), classes=args.voc_classes or coco_utils.VOC_CLASSES,
+        splits=voc_splits(args, is_train), classes=args.voc_classes or voc_utils.VOC_CLASSES,
         keep_difficult=args.keep_difficult,
     )
 
@@ -481,7 +479,7 @@ def check_output_dir(args):
     """Refuse a folder holding another run's files: training writes there only to continue the run it holds
     (--resume of a checkpoint in that folder). --test-only writes its own result files next to a checkpoint."""
     run_files = sorted(name for name in os.listdir(args.output_dir) if RUN_FILE_PATTERN.fullmatch(name))
-    resuming_this_run = bool(args.resume) and utils.same_file(os.path.dirname(os.path.abspath(args.resume)),
+    resuming_this_run = bool(args.resume) and safe_io.same_file(os.path.dirname(os.path.abspath(args.resume)),
                                                               args.output_dir)
     if args.test_only or not run_files or resuming_this_run:
         return
@@ -498,11 +496,11 @@ def check_output_dir(args):
 def take_output_dir(args):
     """Create --output-dir, lock it for this process's life and check it may be written; rank 0 only (the only
     writer). Returns the lock, which must stay referenced until the end."""
-    utils.prepare_output_dir(args.output_dir)
+    safe_io.prepare_output_dir(args.output_dir)
     check_output_dir(args)  # first without the lock: a refused folder is left exactly as it was
-    lock = utils.lock_output_dir(args.output_dir)
+    lock = safe_io.lock_output_dir(args.output_dir)
     check_output_dir(args)  # again under the lock, which another run may have just released
-    stale = utils.remove_stale_temp_files(args.output_dir)
+    stale = safe_io.remove_stale_temp_files(args.output_dir)
     if stale:
         print(f"removed {len(stale)} temporary file(s) an interrupted write left in {args.output_dir}: "
               f"{', '.join(stale)}")
@@ -578,13 +576,13 @@ def end_epoch(args, checkpoint, record, metrics, best, tensorboard=None):
     if best is not None:
         record["best"] = best
 
-    utils.save_atomic({**checkpoint, "log_record": record, "best": best},
+    safe_io.save_atomic({**checkpoint, "log_record": record, "best": best},
                       os.path.join(args.output_dir, CHECKPOINT_NAME))
-    utils.save_atomic(model_file(checkpoint), os.path.join(args.output_dir, f"model_{epoch}.pth"))
+    safe_io.save_atomic(model_file(checkpoint), os.path.join(args.output_dir, f"model_{epoch}.pth"))
     if improved:
-        utils.save_atomic(model_file(checkpoint), os.path.join(args.output_dir, BEST_NAME))
+        safe_io.save_atomic(model_file(checkpoint), os.path.join(args.output_dir, BEST_NAME))
         print(f"{BEST_NAME}: epoch {epoch}, best {best['metric']} so far ({best['value']:.4f})")
-    utils.append_jsonl(os.path.join(args.output_dir, LOG_NAME), record)
+    safe_io.append_jsonl(os.path.join(args.output_dir, LOG_NAME), record)
     if args.keep_checkpoints is not None:
         prune_epoch_models(args.output_dir, keep=args.keep_checkpoints, newest=epoch)
     if tensorboard is not None:
@@ -622,17 +620,17 @@ def reconcile_outputs(args, checkpoint):
     if record is None:  # a checkpoint written before checkpoints carried their log record
         return
     log_path = os.path.join(args.output_dir, LOG_NAME)
-    earlier = [line for previous, line in utils.read_jsonl_lines(log_path) if previous.get("epoch", -1) < record["epoch"]]
-    utils.write_text_atomic(log_path, "".join(line + "\n" for line in [*earlier, json.dumps(record)]))
+    earlier = [line for previous, line in safe_io.read_jsonl_lines(log_path) if previous.get("epoch", -1) < record["epoch"]]
+    safe_io.write_text_atomic(log_path, "".join(line + "\n" for line in [*earlier, json.dumps(record)]))
     best = checkpoint.get("best")
     if best is not None and best["epoch"] == checkpoint["epoch"]:
-        utils.save_atomic(model_file(checkpoint), os.path.join(args.output_dir, BEST_NAME))
+        safe_io.save_atomic(model_file(checkpoint), os.path.join(args.output_dir, BEST_NAME))
 
 
 def write_evaluation_files(args, dataset, evaluator, metrics):
     """detections.json (COCO results format) and, when evaluated, metrics.json, both written atomically."""
     detections_path = os.path.join(args.output_dir, DETECTIONS_NAME)
-    utils.write_text_atomic(detections_path, json.dumps(evaluator.coco_results()))
+    safe_io.write_text_atomic(detections_path, json.dumps(evaluator.coco_results()))
     print(f"wrote {detections_path}")
     if metrics is None:
         return
@@ -645,7 +643,7 @@ def write_evaluation_files(args, dataset, evaluator, metrics):
         "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     metrics_path = os.path.join(args.output_dir, METRICS_NAME)
-    utils.write_text_atomic(metrics_path, json.dumps({**metrics, "evaluated": evaluated}, indent=1) + "\n")
+    safe_io.write_text_atomic(metrics_path, json.dumps({**metrics, "evaluated": evaluated}, indent=1) + "\n")
     print(f"wrote {metrics_path}")
 
 
@@ -678,7 +676,7 @@ def restore_training_state(args, checkpoint, optimizer, lr_scheduler, scaler):
         optimizer.load_state_dict(checkpoint["optimizer"])
     except ValueError as error:  # e.g. another number of parameter groups than this run's flags give
         raise ConfigError(f"--resume {args.resume}: its optimizer state does not fit this run's optimizer "
-                          f"({one_line(error)})") from None
+                          f"({cli.one_line(error)})") from None
     lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
     if scaler is not None and "scaler" in checkpoint:
         scaler.load_state_dict(checkpoint["scaler"])
@@ -811,7 +809,7 @@ def draw_curves(output_dir):
     try:
         plot_curves(log_path, os.path.join(output_dir, "curves.png"))
     except Exception as error:  # noqa: BLE001 - whatever the drawing fails on, the run must continue
-        print(f"warning: curves.png not drawn from {log_path}: {one_line(error)}", file=sys.stderr)
+        print(f"warning: curves.png not drawn from {log_path}: {cli.one_line(error)}", file=sys.stderr)
 
 
 def report_stop(stop, args):
@@ -821,17 +819,8 @@ def report_stop(stop, args):
     print(f"train.py: {stop}{hint}", file=sys.stderr)
 
 
-def one_line(error):
-    """The message of a user-facing error, without the traceback a DataLoader worker wraps around it."""
-    lines = [line for line in str(error).strip().splitlines() if line.strip()]
-    last = lines[-1] if lines else type(error).__name__
-    for prefix in (f"{type(error).__module__}.{type(error).__name__}: ", f"{type(error).__name__}: "):
-        last = last.removeprefix(prefix)
-    return last
-
-
 USER_ERRORS = (ConfigError, coco_utils.DatasetError, models.WeightsError, models.CompileError,
-               engine.NonFiniteLossError, utils.DistributedSetupError, utils.UserInputError,
+               engine.NonFiniteLossError, utils.DistributedSetupError, cli.UserInputError,
                utils.OptionalDependencyError)
 
 if __name__ == "__main__":
@@ -842,7 +831,7 @@ if __name__ == "__main__":
         report_stop(stop, args)
         sys.exit(stop.exit_code)
     except USER_ERRORS as error:
-        sys.exit(f"error: {one_line(error)}")
+        sys.exit(f"error: {cli.one_line(error)}")
     except OSError as error:
         if error.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise

@@ -4,8 +4,8 @@ import json
 import pytest
 import torch
 
+import cli
 import export
-import utils
 from helpers import CATEGORIES, LITE, save_lively_checkpoint
 
 onnxruntime = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install onnxruntime)")
@@ -48,5 +48,5 @@ def test_export_round_trip_matches_pytorch(tmp_path, capsys):
 
 
 def test_missing_optional_package_is_named():
-    with pytest.raises(utils.UserInputError, match="pip install not-a-real-package"):
+    with pytest.raises(cli.UserInputError, match="pip install not-a-real-package"):
         export.require("not_a_real_module", "not-a-real-package")

@@ -12,7 +12,7 @@ import coco_utils
 import engine
 import models
 import presets
-import utils
+import safe_io
 from coco_eval import CocoEvaluator
 from helpers import LITE, assert_ok, read_log, run_script, write_coco_folder
 
@@ -182,7 +182,7 @@ def test_bad_exports_are_refused_in_one_line(shapes_root, tmp_path):
     ann = data["annotations"][0]
     assert line.startswith(f"error: {val_file}: annotation id {ann['id']} (image id {ann['image_id']}): category id 77")
     for name in ("out1", "out2", "out3"):  # nothing written but the run's own lock file
-        assert [p.name for p in (tmp_path / name).iterdir() if p.name != utils.LOCK_NAME] == []
+        assert [p.name for p in (tmp_path / name).iterdir() if p.name != safe_io.LOCK_NAME] == []
 
 
 def coco_file(tmp_path, categories, annotations=(), name="a.json"):

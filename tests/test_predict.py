@@ -7,9 +7,9 @@ import torch
 from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor
 
+import cli
 import models
 import predict
-import utils
 from helpers import CATEGORIES, FAVOURED_LABEL, LITE, assert_ok, run_script, save_lively_checkpoint
 
 SCORE_THRESH = 0.6
@@ -107,7 +107,7 @@ def test_bad_inputs_give_clear_errors(lively, inputs, tmp_path):
         run("--weights", tmp_path / "missing.pth", inputs / "other")
     with pytest.raises(models.WeightsError, match=f"model ssd300_vgg16 does not match weights .*belong to {LITE}"):
         run("--model", "ssd300_vgg16", "--weights", checkpoint, inputs / "other")
-    with pytest.raises(utils.UserInputError, match="no such file or folder"):
+    with pytest.raises(cli.UserInputError, match="no such file or folder"):
         run("--weights", checkpoint, inputs / "nowhere")
-    with pytest.raises(utils.UserInputError, match="none of the 1 input images could be read"):
+    with pytest.raises(cli.UserInputError, match="none of the 1 input images could be read"):
         run("--weights", checkpoint, inputs / "photos" / "broken.jpg")

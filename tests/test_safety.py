@@ -20,9 +20,9 @@ from PIL import Image
 import coco_utils
 import models
 import presets
+import safe_io
 import shapes
 import train
-import utils
 from helpers import LITE, REPO, assert_ok, read_log, run_script, write_coco_folder
 from models.postprocess import match_detections
 
@@ -172,7 +172,7 @@ def test_rerun_after_preemption_resumes_cleans_stale_temp_files_and_stops_on_sig
                                                                                       tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(stopped_during_save[0], run_dir)
-    # What a SIGKILL mid-write leaves (utils.replacing's names), next to files that only look alike.
+    # What a SIGKILL mid-write leaves (safe_io.replacing's names), next to files that only look alike.
     (run_dir / ".checkpoint.pth.k3x_9a2b.tmp").write_bytes(b"half a checkpoint")
     look_alikes = (".notes.tmp", "notes.k3x_9a2b.tmp", ".model_0.pth.K3X9A2BC.tmp", "my.txt")
     for name in look_alikes:
@@ -409,8 +409,8 @@ def test_test_only_may_write_next_to_a_checkpoint_and_leaves_it_alone(start_up_r
     assert code == 0, stderr[-3000:]
     assert "checkpoint.pth" in before
     # Every file but the lock, which now names this evaluation as its last holder.
-    assert {name: digest for name, digest in after.items() if name in before and name != utils.LOCK_NAME} == \
-        {name: digest for name, digest in before.items() if name != utils.LOCK_NAME}
+    assert {name: digest for name, digest in after.items() if name in before and name != safe_io.LOCK_NAME} == \
+        {name: digest for name, digest in before.items() if name != safe_io.LOCK_NAME}
 
 
 @pytest.mark.parametrize("case", STARTUP_CASES)
@@ -497,8 +497,8 @@ def test_predict_sees_the_pixels_the_loader_sees(stopped_during_save, coco_folde
 def test_atomic_writes_follow_the_umask(tmp_path, umask):
     previous = os.umask(umask)
     try:
-        utils.save_atomic({"x": torch.zeros(1)}, tmp_path / "a.pth")
-        utils.write_text_atomic(tmp_path / "b.json", "{}")
+        safe_io.save_atomic({"x": torch.zeros(1)}, tmp_path / "a.pth")
+        safe_io.write_text_atomic(tmp_path / "b.json", "{}")
     finally:
         os.umask(previous)
     for name in ("a.pth", "b.json"):

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+import safe_io
 import utils
 
 
@@ -110,7 +111,7 @@ class _FailingWriter:
 @pytest.mark.parametrize("failure", ["disk_full", "interrupt"])
 def test_save_atomic_keeps_previous_file_when_writing_fails(tmp_path, monkeypatch, failure):
     path = tmp_path / "checkpoint.pth"
-    utils.save_atomic({"epoch": 1, "weights": torch.arange(10.0)}, path)
+    safe_io.save_atomic({"epoch": 1, "weights": torch.arange(10.0)}, path)
     real_save = torch.save
 
     def failing_save(obj, f):
@@ -121,7 +122,7 @@ def test_save_atomic_keeps_previous_file_when_writing_fails(tmp_path, monkeypatc
 
     monkeypatch.setattr(torch, "save", failing_save)
     with pytest.raises(OSError if failure == "disk_full" else KeyboardInterrupt) as raised:
-        utils.save_atomic({"epoch": 2, "weights": torch.zeros(100_000)}, path)
+        safe_io.save_atomic({"epoch": 2, "weights": torch.zeros(100_000)}, path)
     if failure == "disk_full":  # torch.save itself turns it into a RuntimeError about zip offsets
         assert raised.value.errno == errno.ENOSPC and str(path) in str(raised.value)
 
@@ -132,22 +133,22 @@ def test_save_atomic_keeps_previous_file_when_writing_fails(tmp_path, monkeypatc
 
 def test_save_atomic_and_write_text_atomic_replace_the_file(tmp_path):
     path = tmp_path / "checkpoint.pth"
-    utils.save_atomic({"epoch": 1}, path)
-    utils.save_atomic({"epoch": 2}, path)
+    safe_io.save_atomic({"epoch": 1}, path)
+    safe_io.save_atomic({"epoch": 2}, path)
     assert torch.load(path, weights_only=True) == {"epoch": 2}
-    utils.write_text_atomic(tmp_path / "note.txt", "first")
-    utils.write_text_atomic(tmp_path / "note.txt", "second")
+    safe_io.write_text_atomic(tmp_path / "note.txt", "first")
+    safe_io.write_text_atomic(tmp_path / "note.txt", "second")
     assert (tmp_path / "note.txt").read_text() == "second"
     assert sorted(os.listdir(tmp_path)) == ["checkpoint.pth", "note.txt"]
 
 
 def test_append_jsonl_drops_a_torn_last_line(tmp_path):
     log = tmp_path / "log.jsonl"
-    utils.append_jsonl(log, {"epoch": 0, "loss": 1.5})
-    utils.append_jsonl(log, {"epoch": 1, "loss": 1.25})
+    safe_io.append_jsonl(log, {"epoch": 0, "loss": 1.5})
+    safe_io.append_jsonl(log, {"epoch": 1, "loss": 1.25})
     with open(log, "ab") as f:  # a crash in the middle of the next append
         f.write(b'{"epoch": 2, "lo')
-    utils.append_jsonl(log, {"epoch": 2, "loss": 1.0})
+    safe_io.append_jsonl(log, {"epoch": 2, "loss": 1.0})
     records = [json.loads(line) for line in log.read_text().splitlines()]
     assert records == [{"epoch": 0, "loss": 1.5}, {"epoch": 1, "loss": 1.25}, {"epoch": 2, "loss": 1.0}]
 
@@ -163,7 +164,7 @@ def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
     # Leave cached Gaussians pending: numpy's and random's states then carry more than the key array.
     np.random.randn()
     random.gauss(0, 1)
-    utils.save_atomic({"rng": utils.get_rng_state()}, tmp_path / "ckpt.pth")
+    safe_io.save_atomic({"rng": utils.get_rng_state()}, tmp_path / "ckpt.pth")
     expected = _draws()
 
     utils.seed_everything(999)  # move every generator elsewhere

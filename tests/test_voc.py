@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 import coco_utils
+import voc_utils
 import presets
 import shapes
 from coco_eval import VocEvaluator
@@ -54,7 +55,7 @@ def test_voc_ap_follows_the_devkit_on_hand_computed_cases(tmp_path, capsys):
         "b": (60, 60, [("cat", (1, 1, 20, 20), False), ("dog", (1, 1, 10, 10), False)]),
         "c": (60, 60, [("cat", (11, 11, 20, 20), False), ("cat", (31, 31, 40, 40), False)]),
     }, {"test": ["a", "b", "c"]})
-    dataset = coco_utils.get_voc(root, "val", None, classes=("cat", "dog", "bird"))
+    dataset = voc_utils.get_voc(root, "val", None, classes=("cat", "dog", "bird"))
     evaluator = VocEvaluator(coco_utils.get_coco_api_from_dataset(dataset))
     evaluator.update({
         1: detections(
@@ -97,7 +98,7 @@ def test_voc_matching_is_the_devkits_greedy_one(tmp_path):
     # Two overlapping cats, (0, 0, 20, 20) and (0, 2, 20, 22) in the model's coordinates (IoU 360 / 440).
     root = write_voc(tmp_path / "voc", {"a": (40, 40, [("cat", (1, 1, 20, 20), False), ("cat", (1, 3, 20, 22), False)]),
                                         "b": (40, 40, [])}, {"test": ["a", "b"]})
-    dataset = coco_utils.get_voc(root, "val", None, classes=["cat"])
+    dataset = voc_utils.get_voc(root, "val", None, classes=["cat"])
     evaluator = VocEvaluator(coco_utils.get_coco_api_from_dataset(dataset))
     evaluator.update({
         1: detections(
@@ -125,8 +126,8 @@ def voc_shapes_root(tmp_path_factory):
 def test_voc_boxes_are_the_annotated_pixels_and_difficult_objects_stay_out_of_training(voc_shapes_root, shapes_root):
     # The same shapes in both layouts: VOC's 1-based inclusive corners must come back as the COCO boxes.
     coco_train = coco_utils.get_coco(shapes_root, "train", None)
-    with_difficult = coco_utils.get_voc(voc_shapes_root, "train", None, classes=SHAPE_CLASSES, keep_difficult=True)
-    default = coco_utils.get_voc(voc_shapes_root, "train", None, classes=SHAPE_CLASSES)
+    with_difficult = voc_utils.get_voc(voc_shapes_root, "train", None, classes=SHAPE_CLASSES, keep_difficult=True)
+    default = voc_utils.get_voc(voc_shapes_root, "train", None, classes=SHAPE_CLASSES)
     assert len(with_difficult) == len(coco_train) == TINY_SHAPES["num_train"]
     dropped = 0
     for index in range(len(coco_train)):
@@ -146,8 +147,8 @@ def test_voc_boxes_are_the_annotated_pixels_and_difficult_objects_stay_out_of_tr
     assert dropped > 0
 
     # torchvision's v2 dataset wrapper (--use-v2) reads the same converted ground truth: the same training targets.
-    v1 = coco_utils.get_voc(voc_shapes_root, "train", presets.DetectionPresetEval(), classes=SHAPE_CLASSES)
-    v2 = coco_utils.get_voc(voc_shapes_root, "train", presets.DetectionPresetEval(use_v2=True), use_v2=True,
+    v1 = voc_utils.get_voc(voc_shapes_root, "train", presets.DetectionPresetEval(), classes=SHAPE_CLASSES)
+    v2 = voc_utils.get_voc(voc_shapes_root, "train", presets.DetectionPresetEval(use_v2=True), use_v2=True,
                             classes=SHAPE_CLASSES)
     assert v1.ids == default.ids and len(v2) == len(v1)
     for index in range(len(v1)):
@@ -156,7 +157,7 @@ def test_voc_boxes_are_the_annotated_pixels_and_difficult_objects_stay_out_of_tr
         assert torch.equal(target["labels"], expected["labels"])
 
     # Evaluation keeps the difficult objects, flagged, for the devkit's ignore rule; test.txt holds the val images.
-    val = coco_utils.get_voc(voc_shapes_root, "val", None, classes=SHAPE_CLASSES)
+    val = voc_utils.get_voc(voc_shapes_root, "val", None, classes=SHAPE_CLASSES)
     ground_truth = coco_utils.get_coco_api_from_dataset(val)
     coco_val = coco_utils.get_coco_api_from_dataset(coco_utils.get_coco(shapes_root, "val", None))
     assert len(ground_truth.anns) == len(coco_val.anns)
@@ -167,18 +168,18 @@ def test_voc_boxes_are_the_annotated_pixels_and_difficult_objects_stay_out_of_tr
 def test_voc_default_classes_are_the_devkits_twenty_in_order(tmp_path):
     objects = [("person", (5, 6, 30, 40), False), ("tvmonitor", (1, 1, 50, 40), False)]
     root = write_voc(tmp_path / "voc", {"x": (50, 40, objects)}, {"trainval": ["x"]})
-    dataset = coco_utils.get_voc(root, "train", None)
+    dataset = voc_utils.get_voc(root, "train", None)
     _, target = dataset[0]
     assert target["labels"].tolist() == [15, 20]
     assert target["boxes"].tolist() == [[4, 5, 30, 40], [0, 0, 50, 40]]  # (1, 1, W, H) is the whole image
     assert coco_utils.get_num_classes(dataset) == 21
-    assert list(coco_utils.get_category_names(dataset).values()) == list(coco_utils.VOC_CLASSES)
+    assert list(coco_utils.get_category_names(dataset).values()) == list(voc_utils.VOC_CLASSES)
 
 
 def test_voc_image_size_must_match_its_annotation_file(tmp_path):
     root = write_voc(tmp_path / "voc", {"x": (50, 40, [("cat", (5, 6, 30, 40), False)])}, {"trainval": ["x"]})
     Image.new("RGB", (40, 50)).save(root / "VOC2007" / "JPEGImages" / "x.jpg")
-    dataset = coco_utils.get_voc(root, "train", None, classes=["cat"])
+    dataset = voc_utils.get_voc(root, "train", None, classes=["cat"])
     with pytest.raises(coco_utils.DatasetError, match=r"x\.jpg: .* 40x50 pixels but .*x\.xml says 50x40"):
         dataset[0]
 
@@ -244,6 +245,6 @@ def test_shapes_command_line_writes_the_voc_layout(tmp_path, capsys):
     lists = tmp_path / "voc" / "VOC2007" / "ImageSets" / "Main"
     assert (lists / "trainval.txt").read_text().split() == ["train_000001", "train_000002", "train_000003"]
     assert (lists / "test.txt").read_text().split() == ["val_000001", "val_000002"]
-    assert len(coco_utils.get_voc(tmp_path / "voc", "val", None, classes=SHAPE_CLASSES)) == 2
+    assert len(voc_utils.get_voc(tmp_path / "voc", "val", None, classes=SHAPE_CLASSES)) == 2
     with pytest.raises(SystemExit, match="layout=voc, not .*layout=coco"):
         shapes.main(["--output", str(tmp_path / "voc"), "--num-train", "3", "--num-val", "2"])

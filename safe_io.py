@@ -1,0 +1,221 @@
+"""Low-level file safety shared by the entry points: crash-safe (atomic, durable) writes and their temporary-file
+clean-up, appending to and reading jsonl logs, checks that an output folder or file can be written, and the
+exclusive lock a training run holds on its folder.
+
+What the files of a training run are, and the order an epoch writes them, is run_folder.py's concern, not this
+module's; command-line checks of flag values are in cli.py.
+"""
+import contextlib
+import datetime
+import json
+import os
+import re
+import tempfile
+import time
+
+import torch
+
+from cli import UserInputError
+
+
+def _fsync_directory(directory):
+    """Make a rename durable: the directory entry must reach the disk too (POSIX only)."""
+    if os.name != "posix":
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _current_umask():
+    """The process umask (reading it means setting it; it is put back at once)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+@contextlib.contextmanager
+def replacing(path):
+    """Yield a temporary path next to path to write the new file into; on success make it durable and rename it
+    onto path, with the mode open() would give (0666 less the umask; mkstemp creates 0600).
+
+    Readers see either the old file or the complete new one. On any failure (disk full, interrupt) the temporary
+    file is removed and the old file is left untouched. Temporary names follow TEMP_FILE_PATTERN.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield tmp_path
+        fd = os.open(tmp_path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.chmod(tmp_path, 0o666 & ~_current_umask())
+        os.replace(tmp_path, path)
+    except BaseException as error:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp_path)
+        os_error = _first_os_error(error)
+        if os_error is not None:
+            raise OSError(os_error.errno, f"cannot write {path}: {os_error.strerror}") from error
+        raise
+    _fsync_directory(directory)
+
+
+def _replace_atomically(path, write):
+    """Write through write(binary_file) into path, crash-safe (see replacing)."""
+    with replacing(path) as tmp_path, open(tmp_path, "wb") as f:
+        write(f)
+
+
+# What replacing() names its temporary files: "." + the target's name + "." + mkstemp's 8 random characters.
+TEMP_FILE_PATTERN = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+
+
+def remove_stale_temp_files(directory):
+    """Delete the temporary files that replacing() left in directory when a process was killed mid-write (SIGKILL,
+    power loss); nothing else is touched. Call it only while holding the directory's lock. Returns their names."""
+    stale = sorted(name for name in os.listdir(directory)
+                   if TEMP_FILE_PATTERN.fullmatch(name) and os.path.isfile(os.path.join(directory, name)))
+    for name in stale:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(directory, name))
+    return stale
+
+
+def _first_os_error(error):
+    """The OSError behind a failure, if any: torch.save reports a full disk as a RuntimeError about zip positions,
+    raised while handling the original OSError."""
+    while error is not None:
+        if isinstance(error, OSError):
+            return error
+        error = error.__context__
+    return None
+
+
+def save_atomic(obj, path):
+    """torch.save(obj, path), crash-safe: path holds either the previous file or the complete new one."""
+    _replace_atomically(path, lambda f: torch.save(obj, f))
+
+
+def write_text_atomic(path, text):
+    _replace_atomically(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def append_jsonl(path, record):
+    """Append one JSON line and make it durable. A crash mid-append can only tear that line; the next append
+    drops such a torn tail, so every earlier line stays intact and the file stays one record per line."""
+    line = (json.dumps(record) + "\n").encode("utf-8")
+    with open(path, "a+b") as f:
+        f.seek(0)
+        content = f.read()
+        complete = content.rfind(b"\n") + 1
+        if complete < len(content):
+            f.truncate(complete)
+        f.write(line)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _nearest_existing(path):
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def prepare_output_dir(path, flag="--output-dir"):
+    """Create the folder path (and missing parents), or stop with one line saying why it cannot be written."""
+    existing = _nearest_existing(path)
+    if not os.path.isdir(existing):
+        what = "is a file" if existing == os.path.abspath(path) else f"cannot be created: {existing} is a file"
+        raise UserInputError(f"{flag} {path} {what}, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserInputError(f"{flag} {path}: no permission to write in {existing}")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as error:
+        raise UserInputError(f"{flag} {path}: cannot create it: {error.strerror}") from None
+
+
+def check_output_file(path, flag="--output"):
+    """Stop with one line unless path can be written as a file: its folder exists and is writable, and path is
+    not a folder."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise UserInputError(f"{flag} {path} is a folder, not a file name")
+    if not os.path.isdir(directory):
+        raise UserInputError(f"{flag} {path}: the folder {directory} does not exist")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise UserInputError(f"{flag} {path}: no permission to write in {directory}")
+
+
+def same_file(a, b):
+    """Whether paths a and b name one file or folder (through links too); False when either does not exist."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+LOCK_NAME = ".train.lock"
+
+
+class OutputDirLocked(UserInputError):
+    """Another live process holds the output folder's lock."""
+
+
+def lock_output_dir(directory):
+    """Take an exclusive lock on directory for as long as the returned file stays open (the process's life).
+
+    fcntl.flock locks go away with the process however it ends (even SIGKILL), so a lock file left behind never
+    blocks a later run. The holder writes its pid, host and start time into the file so that a second run can say
+    who holds it. POSIX only.
+    """
+    import fcntl
+    import socket
+
+    path = os.path.join(directory, LOCK_NAME)
+    lock_file = open(path, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _read_holder(lock_file)
+        lock_file.close()
+        raise OutputDirLocked(f"{directory} is in use by another run ({holder}); wait for it to end or choose "
+                              "another --output-dir") from None
+    lock_file.truncate(0)
+    started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    lock_file.write(f"pid {os.getpid()} on {socket.gethostname()}, started {started}\n")
+    lock_file.flush()
+    return lock_file
+
+
+def _read_holder(lock_file, attempts=20):
+    """The holder's line; it is written just after the lock is taken, so give a starting holder a moment."""
+    for _ in range(attempts):
+        lock_file.seek(0)
+        holder = " ".join(lock_file.read().split())
+        if holder:
+            return holder
+        time.sleep(0.05)
+    return "a process that is starting"
+
+
+def read_jsonl_lines(path):
+    """The complete JSON-object lines of a jsonl file, as (record, line without its newline); a torn or foreign
+    line is left out. A missing file reads as empty."""
+    if not os.path.exists(path):
+        return []
+    lines = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            with contextlib.suppress(json.JSONDecodeError):
+                record = json.loads(line)
+                if isinstance(record, dict):
+                    lines.append((record, line.rstrip("\n")))
+    return lines
