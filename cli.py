@@ -46,3 +46,7 @@ def one_line(error):
     for prefix in (f"{type(error).__module__}.{type(error).__name__}: ", f"{type(error).__name__}: "):
         last = last.removeprefix(prefix)
     return last
+
+
+class ConfigError(ValueError):
+    """A flag, or a combination of flags, that cannot work; reported in one line without a traceback."""

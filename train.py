@@ -11,14 +11,15 @@ The flags follow torchvision's detection references. The published recipes, on 8
         --weight-decay 0.00004 --data-augmentation ssdlite
 
 --batch-size is per process; scale --lr linearly with the total batch size when changing the GPU count.
+
+Reading order: the flags and their checks, the datasets and loaders, the model, then main(), which holds the training
+loop. What the output folder holds and how it survives kills and resumes is run_folder.py's, one call per step here.
 """
 import argparse
 import datetime
 import errno
-import json
 import math
 import os
-import re
 import secrets
 import signal
 import sys
@@ -43,32 +44,17 @@ import coco_utils
 import engine
 import models
 import presets
-import safe_io
+import run_folder
 import shapes
 import utils
 import voc_utils
+from cli import ConfigError
 from group_by_aspect_ratio import GroupedBatchSampler, create_aspect_ratio_groups
-from plot_curves import plot_curves
 
-CHECKPOINT_NAME = "checkpoint.pth"
-BEST_NAME = "model_best.pth"
-LOG_NAME = "log.jsonl"
-DETECTIONS_NAME = "detections.json"
-METRICS_NAME = "metrics.json"
-TENSORBOARD_DIR = "tensorboard"
-EPOCH_MODEL = re.compile(r"model_(\d+)\.pth")
-AUTO_RESUME = "auto"
-# The files a run writes into --output-dir: a folder holding any of them belongs to a run.
-RUN_FILE_PATTERN = re.compile(r"checkpoint\.pth|log\.jsonl|curves\.png|model_(\d+|best)\.pth|detections\.json|"
-                              r"metrics\.json")
 # Training images per process below which a model cannot train: SSDlite's last extra block applies BatchNorm to
 # 1x1 feature maps, and BatchNorm needs more than one value per channel in training mode.
 MIN_TRAIN_BATCH_SIZE = {"ssdlite320_mobilenet_v3_large": 2}
 DEFAULT_DATA_PATHS = {"coco": "data/coco", "shapes": "data/shapes", "voc": "data/VOCdevkit"}
-
-
-class ConfigError(ValueError):
-    """A flag, or a combination of flags, that cannot work; reported in one line without a traceback."""
 
 
 def get_args_parser(add_help=True):
@@ -212,11 +198,11 @@ def validate_args(args):
         raise ConfigError(f"--lr-steps must be increasing, got {args.lr_steps}")
     if args.backend == "tv_tensor" and not args.use_v2:
         raise ConfigError("--backend tv_tensor needs --use-v2")
-    if args.resume and args.resume != AUTO_RESUME and args.weights:
+    if args.resume and args.resume != run_folder.AUTO_RESUME and args.weights:
         raise ConfigError("--resume already restores the model; drop --weights")
     if args.keep_checkpoints is not None and args.keep_checkpoints < 1:
         raise ConfigError(f"--keep-checkpoints must be at least 1, got {args.keep_checkpoints}")
-    for flag, needs_output in (("--resume auto", args.resume == AUTO_RESUME), ("--format-only", args.format_only),
+    for flag, needs_output in (("--resume auto", args.resume == run_folder.AUTO_RESUME), ("--format-only", args.format_only),
                                ("--tensorboard", args.tensorboard)):
         if needs_output and not args.output_dir:
             raise ConfigError(f"{flag} needs an --output-dir")
@@ -404,55 +390,6 @@ def amp_setup(args, device):
     return dtype, torch.amp.GradScaler("cuda") if device.type == "cuda" else None
 
 
-def checkpoint_args(args):
-    """The run's flags as plain data (checkpoints must load with weights_only=True)."""
-    return {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, list, type(None)))}
-
-
-def load_resume_checkpoint(args):
-    checkpoint = models.load_checkpoint_file(args.resume)
-    if "model" not in checkpoint or "epoch" not in checkpoint:
-        raise ConfigError(f"--resume {args.resume}: not a training checkpoint (no 'model'/'epoch'); "
-                          "use --weights for model-only files")
-    if args.test_only:
-        return checkpoint
-    if "optimizer" not in checkpoint or "lr_scheduler" not in checkpoint:
-        raise ConfigError(f"--resume {args.resume} holds the weights only (like model_N.pth), not the optimizer and "
-                          f"schedule: resume from the run's {CHECKPOINT_NAME}, or start a new run with --weights")
-    check_resume_flags(args, checkpoint.get("args") or {})
-    return checkpoint
-
-
-def check_resume_flags(args, saved):
-    """Refuse to resume with flags that would give the checkpoint's optimizer or schedule state another meaning."""
-    saved_model = saved.get("model")
-    if saved_model is not None and saved_model != args.model:
-        raise ConfigError(f"--resume {args.resume} was made with --model {saved_model}, not --model {args.model}")
-    for flag, name in (("--opt", "opt"), ("--lr-scheduler", "lr_scheduler")):
-        if name in saved and saved[name] != getattr(args, name):
-            raise ConfigError(f"--resume {args.resume} was trained with {flag} {saved[name]}, not {flag} "
-                              f"{getattr(args, name)}: resume with {flag} {saved[name]}, or start a new run with "
-                              "--weights")
-    saved_norm_decay = saved.get("norm_weight_decay")
-    if "norm_weight_decay" in saved and (saved_norm_decay is None) != (args.norm_weight_decay is None):
-        saved_flag = "without --norm-weight-decay" if saved_norm_decay is None else \
-            f"with --norm-weight-decay {saved_norm_decay}"
-        raise ConfigError(f"--resume {args.resume} was trained {saved_flag}, which groups the optimizer's "
-                          f"parameters differently: resume {saved_flag}")
-
-
-def check_resume_categories(args, checkpoint, categories):
-    """A resumed model's labels must stand for the same category ids and names as this data's. Older checkpoints,
-    which stored {label: name}, are not checked."""
-    saved = checkpoint.get("categories") or {}
-    if not all(isinstance(entry, dict) for entry in saved.values()) or saved == categories:
-        return
-    label = min(k for k in set(saved) | set(categories) if saved.get(k) != categories.get(k))
-    there, here = saved.get(label), categories.get(label)
-    raise ConfigError(f"--resume {args.resume} was trained on other categories than this data's: label {label} is "
-                      f"{there or 'no class'} there and {here or 'no class'} here")
-
-
 def build_model(args, num_classes, class_names, device, resume_checkpoint):
     kwargs = {}
     if args.trainable_backbone_layers is not None:
@@ -475,178 +412,6 @@ def build_model(args, num_classes, class_names, device, resume_checkpoint):
     return model
 
 
-def check_output_dir(args):
-    """Refuse a folder holding another run's files: training writes there only to continue the run it holds
-    (--resume of a checkpoint in that folder). --test-only writes its own result files next to a checkpoint."""
-    run_files = sorted(name for name in os.listdir(args.output_dir) if RUN_FILE_PATTERN.fullmatch(name))
-    resuming_this_run = bool(args.resume) and safe_io.same_file(os.path.dirname(os.path.abspath(args.resume)),
-                                                              args.output_dir)
-    if args.test_only or not run_files or resuming_this_run:
-        return
-    existing = os.path.join(args.output_dir, CHECKPOINT_NAME)
-    if not args.resume and CHECKPOINT_NAME in run_files:
-        raise ConfigError(f"{existing} already exists: continue that run with --resume {existing}, "
-                          "or choose another --output-dir")
-    shown = ", ".join(run_files[:4]) + (", ..." if len(run_files) > 4 else "")
-    resuming = f" (--resume {args.resume} is another run's checkpoint)" if args.resume else ""
-    raise ConfigError(f"--output-dir {args.output_dir} holds another run's files ({shown}){resuming}: "
-                      "choose an empty or new --output-dir")
-
-
-def take_output_dir(args):
-    """Create --output-dir, lock it for this process's life and check it may be written; rank 0 only (the only
-    writer). Returns the lock, which must stay referenced until the end."""
-    safe_io.prepare_output_dir(args.output_dir)
-    check_output_dir(args)  # first without the lock: a refused folder is left exactly as it was
-    lock = safe_io.lock_output_dir(args.output_dir)
-    check_output_dir(args)  # again under the lock, which another run may have just released
-    stale = safe_io.remove_stale_temp_files(args.output_dir)
-    if stale:
-        print(f"removed {len(stale)} temporary file(s) an interrupted write left in {args.output_dir}: "
-              f"{', '.join(stale)}")
-    return lock
-
-
-def resolve_resume(args):
-    """--resume auto -> OUTPUT_DIR/checkpoint.pth when it exists, else "" (start fresh); any other value as given.
-
-    Rank 0 looks and broadcasts its answer, so every rank takes the same decision even where the ranks of several
-    nodes see the output folder through differently cached (or different) file systems; a rank that cannot then
-    read the checkpoint stops with the same error as with an explicit --resume.
-    """
-    if args.resume != AUTO_RESUME:
-        return args.resume
-    candidate = os.path.join(args.output_dir, CHECKPOINT_NAME)
-    found = utils.broadcast_object(os.path.isfile(candidate) if utils.is_main_process() else None)
-    if not found:
-        print(f"--resume auto: no {candidate}, starting fresh")
-        return ""
-    print(f"--resume auto: continuing from {candidate}")
-    if args.weights:
-        print(f"--resume auto: --weights {args.weights} is not used, the checkpoint restores the model")
-        args.weights = None
-    return candidate
-
-
-def primary_metric(metrics):
-    """(name, value) of the metric model_best.pth follows: VOC's 11-point mAP when evaluated, else COCO AP."""
-    if "voc" in metrics:
-        return "voc.mAP_11pt", metrics["voc"]["mAP_11pt"]
-    return "coco.AP", metrics["coco"]["AP"]
-
-
-def training_checkpoint(args, epoch, model, optimizer, lr_scheduler, scaler, categories, rng_states):
-    """Everything --resume needs, as plain data (checkpoints must load with weights_only=True)."""
-    checkpoint = {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "lr_scheduler": lr_scheduler.state_dict(),
-        "rng_states": rng_states,
-        "epoch": epoch,
-        "args": checkpoint_args(args),
-        "categories": categories,
-    }
-    if scaler is not None:
-        checkpoint["scaler"] = scaler.state_dict()
-    return checkpoint
-
-
-def model_file(checkpoint):
-    """What model_{epoch}.pth and model_best.pth hold: the weights with the epoch, flags and categories."""
-    return {key: checkpoint[key] for key in ("model", "epoch", "args", "categories")}
-
-
-def end_epoch(args, checkpoint, record, metrics, best, tensorboard=None):
-    """Save, log and plot one finished epoch (rank 0); returns the best evaluated epoch so far.
-
-    The order keeps the folder consistent whenever a kill or a full disk strikes: every file is written under a
-    temporary name and renamed; checkpoint.pth (which also holds the epoch's log record and the best epoch) comes
-    first, so that a folder holding any file of this run also holds the checkpoint --resume auto continues from;
-    then model_{epoch}.pth (a kill just before it leaves that epoch's weights in checkpoint.pth alone), model_best.pth
-    and the log line, which a resume rebuilds from the checkpoint (reconcile_outputs); older model_{epoch}.pth files
-    are deleted only once the newer ones are in place.
-    """
-    epoch = checkpoint["epoch"]
-    improved = False
-    if metrics is not None:
-        name, value = primary_metric(metrics)
-        improved = best is None or value > best["value"]
-        if improved:
-            best = {"metric": name, "value": value, "epoch": epoch}
-    if best is not None:
-        record["best"] = best
-
-    safe_io.save_atomic({**checkpoint, "log_record": record, "best": best},
-                      os.path.join(args.output_dir, CHECKPOINT_NAME))
-    safe_io.save_atomic(model_file(checkpoint), os.path.join(args.output_dir, f"model_{epoch}.pth"))
-    if improved:
-        safe_io.save_atomic(model_file(checkpoint), os.path.join(args.output_dir, BEST_NAME))
-        print(f"{BEST_NAME}: epoch {epoch}, best {best['metric']} so far ({best['value']:.4f})")
-    safe_io.append_jsonl(os.path.join(args.output_dir, LOG_NAME), record)
-    if args.keep_checkpoints is not None:
-        prune_epoch_models(args.output_dir, keep=args.keep_checkpoints, newest=epoch)
-    if tensorboard is not None:
-        write_tensorboard_metrics(tensorboard, metrics, step=record["iterations"])
-    draw_curves(args.output_dir)
-    return best
-
-
-def prune_epoch_models(output_dir, keep, newest):
-    """Delete model_{epoch}.pth of the epochs up to newest - keep (files of later epochs are never touched)."""
-    for name in os.listdir(output_dir):
-        match = EPOCH_MODEL.fullmatch(name)
-        if match and int(match.group(1)) <= newest - keep:
-            os.remove(os.path.join(output_dir, name))
-
-
-def write_tensorboard_metrics(writer, metrics, step):
-    if metrics is not None:
-        for name, value in metrics["coco"].items():
-            writer.add_scalar(f"val/{name}", value, step)
-        for category, values in metrics["per_class"].items():
-            writer.add_scalar(f"val_AP_per_class/{category}", values["AP"], step)
-    writer.flush()
-
-
-def reconcile_outputs(args, checkpoint):
-    """On resume, make log.jsonl and model_best.pth agree with checkpoint.pth whatever moment the run was killed.
-
-    log.jsonl gets exactly the records of the epochs before the checkpoint's, then the checkpoint's own record: a
-    kill between writing checkpoint.pth and appending its line, a torn last line, or lines of epochs after an older
-    checkpoint would otherwise leave an epoch missing or doubled. When the checkpoint's epoch was the best one,
-    model_best.pth is written again from it (the kill may have come before it was).
-    """
-    record = checkpoint.get("log_record")
-    if record is None:  # a checkpoint written before checkpoints carried their log record
-        return
-    log_path = os.path.join(args.output_dir, LOG_NAME)
-    earlier = [line for previous, line in safe_io.read_jsonl_lines(log_path) if previous.get("epoch", -1) < record["epoch"]]
-    safe_io.write_text_atomic(log_path, "".join(line + "\n" for line in [*earlier, json.dumps(record)]))
-    best = checkpoint.get("best")
-    if best is not None and best["epoch"] == checkpoint["epoch"]:
-        safe_io.save_atomic(model_file(checkpoint), os.path.join(args.output_dir, BEST_NAME))
-
-
-def write_evaluation_files(args, dataset, evaluator, metrics):
-    """detections.json (COCO results format) and, when evaluated, metrics.json, both written atomically."""
-    detections_path = os.path.join(args.output_dir, DETECTIONS_NAME)
-    safe_io.write_text_atomic(detections_path, json.dumps(evaluator.coco_results()))
-    print(f"wrote {detections_path}")
-    if metrics is None:
-        return
-    evaluated = {
-        "checkpoint" if args.resume else "weights": args.resume or args.weights,
-        "annotation_file": coco_utils.get_annotation_file(dataset),
-        "images": len(dataset),
-        "model": args.model,
-        "args": checkpoint_args(args),
-        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-    metrics_path = os.path.join(args.output_dir, METRICS_NAME)
-    safe_io.write_text_atomic(metrics_path, json.dumps({**metrics, "evaluated": evaluated}, indent=1) + "\n")
-    print(f"wrote {metrics_path}")
-
-
 def start_or_resume_training(args, model, scaler, resume_checkpoint):
     """(optimizer, lr scheduler, best evaluation so far): fresh, or as the checkpoint left them, in which case
     the run folder's log is also brought back to the checkpoint's epoch."""
@@ -655,37 +420,10 @@ def start_or_resume_training(args, model, scaler, resume_checkpoint):
     lr_scheduler = build_lr_scheduler(optimizer, args)
     if resume_checkpoint is None:
         return optimizer, lr_scheduler, None
-    restore_training_state(args, resume_checkpoint, optimizer, lr_scheduler, scaler)
+    run_folder.restore_training_state(args, resume_checkpoint, optimizer, lr_scheduler, scaler)
     if args.output_dir and utils.is_main_process():
-        reconcile_outputs(args, resume_checkpoint)
+        run_folder.reconcile_outputs(args, resume_checkpoint)
     return optimizer, lr_scheduler, resume_checkpoint.get("best")
-
-
-def check_epochs_left(args):
-    """Training starts below --epochs, whether the start comes from --start-epoch or from --resume."""
-    if args.start_epoch < args.epochs:
-        return
-    if args.resume:
-        raise ConfigError(f"--resume {args.resume} already finished epoch {args.start_epoch - 1}; "
-                          f"--epochs {args.epochs} must be above {args.start_epoch} to train more")
-    raise ConfigError(f"--start-epoch {args.start_epoch} must be below --epochs {args.epochs}")
-
-
-def restore_training_state(args, checkpoint, optimizer, lr_scheduler, scaler):
-    try:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-    except ValueError as error:  # e.g. another number of parameter groups than this run's flags give
-        raise ConfigError(f"--resume {args.resume}: its optimizer state does not fit this run's optimizer "
-                          f"({cli.one_line(error)})") from None
-    lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
-    if scaler is not None and "scaler" in checkpoint:
-        scaler.load_state_dict(checkpoint["scaler"])
-    rng_states = checkpoint.get("rng_states") or []
-    if len(rng_states) == utils.get_world_size():
-        utils.set_rng_state(rng_states[utils.get_rank()])
-    else:
-        print(f"warning: {args.resume} holds RNG states for {len(rng_states)} processes, not "
-              f"{utils.get_world_size()}: the resumed run will not repeat the original exactly", file=sys.stderr)
 
 
 def main(args):
@@ -695,20 +433,11 @@ def main(args):
     summary_writer_class = utils.tensorboard_writer_class() if args.tensorboard else None
     coco_eval.load_backend(args.coco_backend)  # a missing package fails here, not after the first epoch
     utils.init_distributed_mode(args)
-    auto_resume = args.resume == AUTO_RESUME
-    args.resume = resolve_resume(args)
-    resume_checkpoint = load_resume_checkpoint(args) if args.resume else None
-    if resume_checkpoint is not None and not args.test_only:
-        args.start_epoch = resume_checkpoint["epoch"] + 1
-        if auto_resume and args.start_epoch >= args.epochs:
-            # A job requeued after its last epoch was saved: it has done its work, which is not an error.
-            print(f"--resume auto: {args.resume} already holds the last epoch ({resume_checkpoint['epoch']}) of "
-                  f"--epochs {args.epochs}: nothing left to train")
-            utils.finish_distributed()
-            return
-    if not args.test_only:
-        check_epochs_left(args)
-    output_lock = take_output_dir(args) if args.output_dir and utils.is_main_process() else None
+    resume_checkpoint, finished = run_folder.read_resume_checkpoint(args)
+    if finished:
+        utils.finish_distributed()
+        return
+    output_lock = run_folder.take_output_dir(args) if args.output_dir and utils.is_main_process() else None
     device = torch.device(args.device)
     if args.channels_last is None:
         args.channels_last = models.prefers_channels_last(args.model, device, training=not args.test_only)
@@ -722,7 +451,7 @@ def main(args):
     num_classes = coco_utils.get_num_classes(dataset_test)
     categories = coco_utils.get_categories(dataset_test)
     if resume_checkpoint is not None:
-        check_resume_categories(args, resume_checkpoint, categories)
+        run_folder.check_resume_categories(args, resume_checkpoint, categories)
     data_loader_test = build_eval_loader(dataset_test, args)
 
     print("Creating model")
@@ -744,7 +473,7 @@ def main(args):
     tensorboard = None
     if summary_writer_class is not None and utils.is_main_process():
         # purge_step: a resumed run drops what the killed one logged after its checkpoint.
-        tensorboard = summary_writer_class(os.path.join(args.output_dir, TENSORBOARD_DIR),
+        tensorboard = summary_writer_class(os.path.join(args.output_dir, run_folder.TENSORBOARD_DIR),
                                            purge_step=args.start_epoch * len(data_loader))
 
     print("Start training")
@@ -766,13 +495,12 @@ def main(args):
         # Captured after evaluation so a resumed run starts the next epoch from exactly this state.
         rng_states = utils.all_gather(utils.get_rng_state())
         if args.output_dir and utils.is_main_process():
-            record = {"epoch": epoch, "lr": train_stats["lr"], "time_s": round(time.time() - epoch_start, 3),
-                      "iterations": (epoch + 1) * len(data_loader), "seed": args.seed,
-                      "train": {k: v for k, v in train_stats.items() if k != "lr"}, **(metrics or {})}
-            checkpoint = training_checkpoint(args, epoch, model_without_ddp, optimizer, lr_scheduler, scaler,
-                                             categories, rng_states)
+            record = run_folder.log_record(args, epoch, train_stats, metrics, time.time() - epoch_start,
+                                           iterations=(epoch + 1) * len(data_loader))
+            checkpoint = run_folder.training_checkpoint(args, epoch, model_without_ddp, optimizer, lr_scheduler,
+                                                        scaler, categories, rng_states)
             with utils.deferred_stop(f"after saving epoch {epoch}"):  # a signal lets the save and log finish
-                best = end_epoch(args, checkpoint, record, metrics, best, tensorboard)
+                best = run_folder.end_epoch(args, checkpoint, record, metrics, best, tensorboard)
     if tensorboard is not None:
         tensorboard.close()
 
@@ -799,24 +527,7 @@ def evaluate_only(args, model, data_loader_test, device, amp_dtype):
     evaluator = engine.detect(model, data_loader_test, device, coco_backend=args.coco_backend, amp_dtype=amp_dtype)
     metrics = None if args.format_only else engine.evaluate_detections(evaluator)
     if args.output_dir and utils.is_main_process():
-        write_evaluation_files(args, data_loader_test.dataset, evaluator, metrics)
-
-
-def draw_curves(output_dir):
-    """Redraw curves.png; a picture is a convenience, so a log it cannot draw (an old or odd log.jsonl) warns in
-    one line and training goes on."""
-    log_path = os.path.join(output_dir, LOG_NAME)
-    try:
-        plot_curves(log_path, os.path.join(output_dir, "curves.png"))
-    except Exception as error:  # noqa: BLE001 - whatever the drawing fails on, the run must continue
-        print(f"warning: curves.png not drawn from {log_path}: {cli.one_line(error)}", file=sys.stderr)
-
-
-def report_stop(stop, args):
-    """The one line a stopped run ends with, saying how to continue it."""
-    checkpoint = os.path.join(args.output_dir, CHECKPOINT_NAME) if args.output_dir else ""
-    hint = f"; continue with --resume {checkpoint}" if checkpoint and os.path.isfile(checkpoint) else ""
-    print(f"train.py: {stop}{hint}", file=sys.stderr)
+        run_folder.write_evaluation_files(args, data_loader_test.dataset, evaluator, metrics)
 
 
 USER_ERRORS = (ConfigError, coco_utils.DatasetError, models.WeightsError, models.CompileError,
@@ -828,7 +539,7 @@ if __name__ == "__main__":
     try:
         main(args)
     except utils.StopRequested as stop:
-        report_stop(stop, args)
+        run_folder.report_stop(stop, args)
         sys.exit(stop.exit_code)
     except USER_ERRORS as error:
         sys.exit(f"error: {cli.one_line(error)}")

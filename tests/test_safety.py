@@ -20,9 +20,9 @@ from PIL import Image
 import coco_utils
 import models
 import presets
+import run_folder
 import safe_io
 import shapes
-import train
 from helpers import LITE, REPO, assert_ok, read_log, run_script, write_coco_folder
 from models.postprocess import match_detections
 
@@ -507,7 +507,7 @@ def test_atomic_writes_follow_the_umask(tmp_path, umask):
 
 def test_an_odd_log_warns_in_one_line_and_does_not_stop_training(tmp_path, capsys):
     (tmp_path / "log.jsonl").write_text('{"epoch": 0, "loss": 1.0}\n{"epoch": 1, "lr": 0.1, "train": {"loss": 2}}\n')
-    train.draw_curves(str(tmp_path))
+    run_folder.draw_curves(str(tmp_path))
     captured = capsys.readouterr()
     assert len(stderr_lines(captured.err)) == 1 and "warning: curves.png not drawn" in captured.err
     assert "log.jsonl:1" in captured.err and not (tmp_path / "curves.png").exists()

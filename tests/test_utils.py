@@ -1,4 +1,4 @@
-"""utils.py: meters and progress lines, crash-safe writes, RNG state round trips, distributed helpers (2 gloo ranks)."""
+"""utils.py and safe_io.py: meters and progress lines, crash-safe writes, RNG state round trips, distributed helpers (2 gloo ranks)."""
 import builtins
 import errno
 import json

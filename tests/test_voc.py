@@ -149,7 +149,7 @@ def test_voc_boxes_are_the_annotated_pixels_and_difficult_objects_stay_out_of_tr
     # torchvision's v2 dataset wrapper (--use-v2) reads the same converted ground truth: the same training targets.
     v1 = voc_utils.get_voc(voc_shapes_root, "train", presets.DetectionPresetEval(), classes=SHAPE_CLASSES)
     v2 = voc_utils.get_voc(voc_shapes_root, "train", presets.DetectionPresetEval(use_v2=True), use_v2=True,
-                            classes=SHAPE_CLASSES)
+                           classes=SHAPE_CLASSES)
     assert v1.ids == default.ids and len(v2) == len(v1)
     for index in range(len(v1)):
         (_, expected), (_, target) = v1[index], v2[index]
