@@ -526,7 +526,8 @@ def get_coco_api_from_dataset(dataset):
 
 
 def get_categories(dataset, coco_gt=None):
-    """The category table {label: {"id": category id, "name": name}} of the dataset's labels (CONTRACTS.md 1).
+    """The category table {label: {"id": category id, "name": name}} of the dataset's labels (the rules:
+    docs/own-data.md, "Category ids and labels").
 
     get_coco's datasets carry theirs. For any other dataset the labels are the category ids of its ground truth
     (coco_gt, built by get_coco_api_from_dataset when not given).

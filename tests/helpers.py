@@ -1,7 +1,7 @@
-"""What several test modules share: running the scripts, the tiny training run's flags, model pairs with
-torchvision's SSD (the oracle) and comparisons of their outputs, a lively checkpoint, the one writer of
-COCO-layout folders, and ground truth with detections for COCO evaluation. Plain functions and constants;
-the fixtures built on them are in conftest.py."""
+"""What several test modules share: running the scripts and the timeouts that catch their hangs, the tiny training
+run's flags, model pairs with torchvision's SSD (the oracle) and comparisons of their outputs, a lively checkpoint,
+the one writer of COCO-layout folders, and ground truth with detections for COCO evaluation. Plain functions and
+constants; the fixtures built on them are in conftest.py."""
 import contextlib
 import io
 import json
@@ -35,12 +35,27 @@ TORCHVISION_BUILDERS = {SSD300: tv_ssd300_vgg16, LITE: tv_ssdlite}
 # Small enough for seconds per epoch on 2 CPU cores; an odd val count exercises distributed padding.
 TINY_SHAPES = {"num_train": 24, "num_val": 11}
 
+# Timeouts in tests only catch hangs; they never measure. They are far above what any run needs, so that a machine
+# busy with other work cannot reach them; SSD_TEST_TIMEOUT_SCALE multiplies every one (below 1 to give up on a
+# hang sooner, above 1 on a machine slower still).
+TIMEOUT_SCALE = float(os.environ.get("SSD_TEST_TIMEOUT_SCALE", "1"))
 
-def run_script(script, *args, cwd=None, timeout=300, env=None, launcher=None):
+
+def hang_timeout(seconds):
+    """seconds, scaled by SSD_TEST_TIMEOUT_SCALE."""
+    return seconds * TIMEOUT_SCALE
+
+
+# The longest any one script run, or any wait on one, may take before the test calls it a hang: training included.
+SCRIPT_TIMEOUT = hang_timeout(1800)
+
+
+def run_script(script, *args, cwd=None, env=None, launcher=None):
     """Run one of the repo's scripts the way a user would and return the CompletedProcess."""
     command = (launcher or [sys.executable]) + [str(REPO / script), *map(str, args)]
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run(command, cwd=cwd or REPO, capture_output=True, text=True, timeout=timeout, env=full_env)
+    return subprocess.run(command, cwd=cwd or REPO, capture_output=True, text=True, timeout=SCRIPT_TIMEOUT,
+                          env=full_env)
 
 
 def torchrun(nproc):

@@ -8,6 +8,9 @@ import pytest
 
 from helpers import LITE, assert_ok, run_script
 
+# Left out of the quick loop (pytest -m "not slow"): every test runs bench.py in a subprocess.
+pytestmark = pytest.mark.slow
+
 SPEED_UNITS = ("img/s", "samples/s")
 TIME_UNITS = ("ms/batch", "s")
 
@@ -16,7 +19,7 @@ TIME_UNITS = ("ms/batch", "s")
 def quick_run(tmp_path_factory):
     report = tmp_path_factory.mktemp("bench") / "bench.json"
     # SSDlite only: SSD300's VGG16 would take minutes on 2 CPU cores even at the quick sizes.
-    result = run_script("bench.py", "--quick", "--model", LITE, "--json", report, "--profile", 6, timeout=300)
+    result = run_script("bench.py", "--quick", "--model", LITE, "--json", report, "--profile", 6)
     assert_ok(result)
     return json.loads(report.read_text()), result.stdout
 
@@ -112,7 +115,7 @@ def test_table_lists_every_row(quick_run):
     (["--data-path", "/nonexistent/coco"], "--data-path: /nonexistent/coco: data folder not found"),
 ])
 def test_bad_flags_fail_in_one_line(flags, fragment):
-    result = run_script("bench.py", "--quick", "--rows", "data", "--model", LITE, *flags, timeout=120)
+    result = run_script("bench.py", "--quick", "--rows", "data", "--model", LITE, *flags)
     assert result.returncode != 0
     assert "Traceback" not in result.stderr, result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]

@@ -20,6 +20,9 @@ from helpers import (
     random_images, random_targets, read_log, run_script, sgd_step, train_args,
 )
 
+# Left out of the quick loop (pytest -m "not slow"): compiling takes minutes on 2 CPU cores.
+pytestmark = pytest.mark.slow
+
 BOX_COUNTS = [0, 1, 25]  # an image without objects, one with one, one crowded
 
 
@@ -111,7 +114,7 @@ def test_test_only_compiled_prints_the_logged_ap(trained_run, shapes_root, tmp_p
     logged = read_log(output_dir)[-1]["coco"]
     result = run_script("train.py", *train_args(shapes_root, "", "--test-only", "--compile", "eval",
                                                 "--eval-batch-size", 11, "--weights", output_dir / "model_1.pth"),
-                        cwd=tmp_path, timeout=600)
+                        cwd=tmp_path)
     assert_ok(result)
     assert printed_ap(result.stdout) == round(logged["AP"], 3)
 

@@ -98,6 +98,7 @@ def test_float16_autocast_with_grad_scaler_keeps_float32_losses_and_learns(name,
     assert history[-1]["loss"] < 0.7 * history[0]["loss"], [round(step["loss"], 3) for step in history]
 
 
+@pytest.mark.slow
 def test_train_py_with_amp_checkpoints_the_scaler_and_test_only_reproduces_the_ap(shapes_root, tmp_path):
     output_dir = tmp_path / "out"
     result = run_script("train.py", *train_args(shapes_root, output_dir, "--device", "cuda", "--amp"))
@@ -115,6 +116,7 @@ def test_train_py_with_amp_checkpoints_the_scaler_and_test_only_reproduces_the_a
     assert printed_ap(replay.stdout) == pytest.approx(log[-1]["coco"]["AP"], abs=2e-3)
 
 
+@pytest.mark.slow
 def test_torchrun_on_cuda_uses_nccl(shapes_root, tmp_path):
     result = run_script("train.py", *train_args(shapes_root, tmp_path / "ddp", "--device", "cuda", "--amp", epochs=1),
                         launcher=torchrun(1))
@@ -123,6 +125,7 @@ def test_torchrun_on_cuda_uses_nccl(shapes_root, tmp_path):
     assert len(read_log(tmp_path / "ddp")) == 1
 
 
+@pytest.mark.slow
 def test_bench_quick_on_cuda_with_amp(tmp_path):
     report = tmp_path / "bench.json"
     result = run_script("bench.py", "--quick", "--device", "cuda", "--amp", "--model", LITE,

@@ -16,6 +16,7 @@ import group_by_aspect_ratio
 import presets
 import shapes
 from coco_utils import DatasetError
+from helpers import hang_timeout
 
 CATEGORIES = [{"id": 1, "name": "cat"}, {"id": 3, "name": "dog"}, {"id": 7, "name": "kite"}]
 
@@ -395,7 +396,8 @@ def test_interrupted_generation_leaves_nothing_behind(tmp_path, monkeypatch):
 
 
 def test_concurrent_generation_is_safe(tmp_path, monkeypatch):
-    both_generating = threading.Barrier(2, timeout=10)
+    # Both threads reach it within milliseconds; the timeout only ends a test whose callers wait for each other.
+    both_generating = threading.Barrier(2, timeout=hang_timeout(120))
     real_write = shapes._write_split
 
     def write_together(root, split, *args):

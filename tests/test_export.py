@@ -14,6 +14,7 @@ import onnx  # noqa: E402  (installed with onnxruntime in requirements-dev.txt)
 SCORE_THRESH = 0.5
 
 
+@pytest.mark.slow
 def test_export_round_trip_matches_pytorch(tmp_path, capsys):
     checkpoint = tmp_path / "model_0.pth"
     model = save_lively_checkpoint(checkpoint)

@@ -167,6 +167,7 @@ def one_line_error(result):
     return lines[0]
 
 
+@pytest.mark.slow
 def test_train_fine_tunes_onto_the_datasets_classes(source_model, shapes_root, tmp_path):
     # A 91-class checkpoint that knows two of the shapes, spelled differently.
     names = {label: entry["name"] for label, entry in coco_table().items()}

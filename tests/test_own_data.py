@@ -120,6 +120,7 @@ def coco_layout_table(trained_run, model_boxes, shapes_root, tmp_path_factory):
     return table
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("style", ["roboflow", "sparse"])
 def test_export_evaluates_in_its_own_ids(trained_run, model_boxes, coco_layout_table, shapes_root, tmp_path, style):
     output_dir, _ = trained_run
@@ -133,6 +134,7 @@ def test_export_evaluates_in_its_own_ids(trained_run, model_boxes, coco_layout_t
         assert "5 categories with ids 3..1000000000: the model's labels are 1..5" in result.stdout
 
 
+@pytest.mark.slow
 def test_fiftyone_export_trains_with_a_train_only_category_and_empty_images(shapes_root, tmp_path):
     def add_hexagon_and_empty_image(data):
         # A category only the training file has (FiftyOne's next id), on one box, and an image without boxes.
@@ -160,6 +162,7 @@ def test_fiftyone_export_trains_with_a_train_only_category_and_empty_images(shap
     assert "was trained on other categories than this data's: label 1 is {'id': 0, 'name': 'circle'} there" in line
 
 
+@pytest.mark.slow
 def test_bad_exports_are_refused_in_one_line(shapes_root, tmp_path):
     flags = write_export(shapes_root, tmp_path / "a", "roboflow")
     other = write_export(shapes_root, tmp_path / "b", "sparse", num_train=2)
@@ -285,6 +288,7 @@ class TargetsOnly(torch.utils.data.Dataset):
         return presets.DetectionPresetEval()(pixels, target)
 
 
+@pytest.mark.slow
 def test_a_custom_dataset_evaluates_like_its_coco_file(trained_run, model_boxes, shapes_root, tmp_path, capsys):
     output_dir, _ = trained_run
     model = models.get_model(LITE, weights=str(output_dir / "model_1.pth")).eval()

@@ -42,6 +42,7 @@ def inputs(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_predict_writes_pictures_and_detections(lively, inputs, tmp_path):
     checkpoint, model = lively
     output_dir = tmp_path / "out"
@@ -96,6 +97,7 @@ def test_picture_names_mirror_inputs_and_never_collide():
     ]
 
 
+@pytest.mark.slow
 def test_bad_inputs_give_clear_errors(lively, inputs, tmp_path):
     checkpoint, _ = lively
     parser = predict.get_args_parser()

@@ -13,8 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import LITE, REPO, assert_ok, read_log, run_script, torchrun, train_args
+from helpers import LITE, REPO, SCRIPT_TIMEOUT, assert_ok, read_log, run_script, torchrun, train_args
 from safe_io import LOCK_NAME
+
+# Left out of the quick loop (pytest -m "not slow"): every test runs train.py in a subprocess (torchrun too), most
+# of them training.
+pytestmark = pytest.mark.slow
 
 
 def digest(path):
@@ -51,7 +55,7 @@ def start_and_kill_mid_epoch(command_args, epoch, launcher=None):
         if re.search(rf"Epoch: \[{epoch}\]\s+\[\s*2/", line):  # a few iterations into the epoch
             os.killpg(process.pid, signal.SIGKILL)
             break
-    process.wait(timeout=60)
+    process.wait(timeout=SCRIPT_TIMEOUT)
     assert process.returncode != 0, "".join(seen[-50:])
 
 
@@ -182,7 +186,7 @@ def test_bad_data_is_reported_in_one_line(case, tmp_path, coco_folder):
     output_dir.mkdir()
     (output_dir / "notes.txt").write_text("the user's\n")
     before = snapshot(output_dir)
-    result = run_script("train.py", *coco_run(root, output_dir), timeout=120)
+    result = run_script("train.py", *coco_run(root, output_dir))
     assert_user_error(result, *fragments)
     assert snapshot(output_dir) == before
 
@@ -205,7 +209,7 @@ def test_bad_flags_are_reported_in_one_line(trained_run, shapes_root, tmp_path):
     ]
     for extra, fragments in cases:
         args = train_args(shapes_root, tmp_path / "out", epochs=2)
-        result = run_script("train.py", *args, *extra, timeout=120)
+        result = run_script("train.py", *args, *extra)
         assert_user_error(result, *fragments)
     assert not (tmp_path / "out" / "checkpoint.pth").exists()
 
@@ -213,7 +217,7 @@ def test_bad_flags_are_reported_in_one_line(trained_run, shapes_root, tmp_path):
 def test_another_models_checkpoint_is_rejected_with_the_mismatch(trained_run, shapes_root, tmp_path):
     output_dir, _ = trained_run
     args = train_args(shapes_root, tmp_path / "out", "--model", "ssd300_vgg16", "--weights", output_dir / "model_1.pth")
-    result = run_script("train.py", *args, timeout=120)
+    result = run_script("train.py", *args)
     assert_user_error(result, "model_1.pth", "missing")
 
 

@@ -15,6 +15,9 @@ from pycocotools.cocoeval import COCOeval
 from coco_eval import COCO_STAT_NAMES
 from helpers import LITE, assert_ok, run_script, train_args
 
+# Left out of the quick loop (pytest -m "not slow"): every test runs train.py in a subprocess.
+pytestmark = pytest.mark.slow
+
 
 def hiding(package):
     """A launcher that runs a script with `package` hidden, so that importing it fails for real."""

@@ -23,7 +23,7 @@ import presets
 import run_folder
 import safe_io
 import shapes
-from helpers import LITE, REPO, assert_ok, read_log, run_script, write_coco_folder
+from helpers import LITE, REPO, SCRIPT_TIMEOUT, assert_ok, read_log, run_script, write_coco_folder
 from models.postprocess import match_detections
 
 # 8 training images at batch 2: four steps per epoch; --eval-freq 2 skips evaluation after epoch 0.
@@ -64,9 +64,9 @@ def start_train(*args, launcher=None):
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
-def wait_for_line(process, pattern, timeout=240):
+def wait_for_line(process, pattern):
     """Read process's stdout until a line matches pattern; returns the lines read."""
-    deadline, seen = time.monotonic() + timeout, []
+    deadline, seen = time.monotonic() + SCRIPT_TIMEOUT, []
     for line in process.stdout:
         seen.append(line)
         if re.search(pattern, line):
@@ -75,8 +75,8 @@ def wait_for_line(process, pattern, timeout=240):
     raise AssertionError(f"{pattern!r} never printed; exit {process.wait()}: {process.stderr.read()[-3000:]}")
 
 
-def finish(process, timeout=120):
-    stdout, stderr = process.communicate(timeout=timeout)
+def finish(process):
+    stdout, stderr = process.communicate(timeout=SCRIPT_TIMEOUT)
     return process.returncode, stdout, stderr
 
 
@@ -160,14 +160,17 @@ def assert_save_finished_then_stopped(stopped, stop_signal):
     assert [record["epoch"] for record in read_log(output_dir)] == [0]
 
 
+@pytest.mark.slow
 def test_sigterm_during_a_save_finishes_it_and_stops(stopped_during_save):
     assert_save_finished_then_stopped(stopped_during_save, signal.SIGTERM)
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_a_save_finishes_it_and_stops(tiny_root, tmp_path):
     assert_save_finished_then_stopped(stop_during_save(tiny_root, tmp_path, signal.SIGINT), signal.SIGINT)
 
 
+@pytest.mark.slow
 def test_rerun_after_preemption_resumes_cleans_stale_temp_files_and_stops_on_sigterm(stopped_during_save, tiny_root,
                                                                                       tmp_path):
     run_dir = tmp_path / "run"
@@ -190,6 +193,7 @@ def test_rerun_after_preemption_resumes_cleans_stale_temp_files_and_stops_on_sig
     assert models.load_checkpoint_file(run_dir / "checkpoint.pth")["epoch"] == 0
 
 
+@pytest.mark.slow
 def test_two_runs_into_one_folder_one_runs_the_other_stops_at_once(tiny_root, tmp_path):
     output_dir = tmp_path / "out"
     output_dir.mkdir()
@@ -198,7 +202,7 @@ def test_two_runs_into_one_folder_one_runs_the_other_stops_at_once(tiny_root, tm
     slow_steps = launcher(SLOW_STEP_LAUNCHER, tmp_path)
     first, second = (start_train(*tiny_run_args(tiny_root, output_dir), launcher=slow_steps) for _ in range(2))
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + SCRIPT_TIMEOUT
         while first.poll() is None and second.poll() is None:
             assert time.monotonic() < deadline
             time.sleep(0.1)
@@ -219,6 +223,7 @@ def test_two_runs_into_one_folder_one_runs_the_other_stops_at_once(tiny_root, tm
     assert temp_files(output_dir) == [] and not (output_dir / "checkpoint.pth").exists()
 
 
+@pytest.mark.slow
 def test_ctrl_c_while_train_py_starts_is_one_line(tmp_path):
     process = start_train("--output-dir", tmp_path / "out")
     time.sleep(1.0)  # inside the imports of torch and friends, or just after them
@@ -386,7 +391,7 @@ def start_up_results(stopped_during_save, tiny_root, tmp_path_factory):
     (root / "cases.json").write_text(json.dumps(cases))
     (root / "runner.py").write_text(CASE_RUNNER.format(repo=str(REPO)))
     subprocess.run([sys.executable, str(root / "runner.py"), str(root / "cases.json"), str(root / "results.json")],
-                   cwd=REPO, check=True, timeout=600)
+                   cwd=REPO, check=True, timeout=SCRIPT_TIMEOUT)
     results = json.loads((root / "results.json").read_text())
     return {name: (*results[name], before[name], snapshot(root / name), run_before, snapshot(run)) for name in cases}
 
@@ -395,6 +400,7 @@ TEST_ONLY = "test_only_next_to_a_checkpoint"
 PREDICT_AGAIN = "predict_again_over_its_own_pictures"
 
 
+@pytest.mark.slow
 def test_predict_may_replace_what_an_earlier_run_wrote(start_up_results):
     code, stderr, before, after, _, _ = start_up_results[PREDICT_AGAIN]
     assert code == 0, stderr[-3000:]
@@ -404,6 +410,7 @@ def test_predict_may_replace_what_an_earlier_run_wrote(start_up_results):
         {name: digest for name, digest in before.items() if name not in replaced}
 
 
+@pytest.mark.slow
 def test_test_only_may_write_next_to_a_checkpoint_and_leaves_it_alone(start_up_results):
     code, stderr, before, after, _, _ = start_up_results[TEST_ONLY]
     assert code == 0, stderr[-3000:]
@@ -413,6 +420,7 @@ def test_test_only_may_write_next_to_a_checkpoint_and_leaves_it_alone(start_up_r
         {name: digest for name, digest in before.items() if name != safe_io.LOCK_NAME}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", STARTUP_CASES)
 def test_bad_input_stops_at_start_up_in_one_line_and_touches_nothing(case, start_up_results):
     code, stderr, before, after, run_before, run_after = start_up_results[case]
@@ -422,13 +430,14 @@ def test_bad_input_stops_at_start_up_in_one_line_and_touches_nothing(case, start
     assert run_after == run_before
 
 
+@pytest.mark.slow
 def test_a_refusal_from_a_real_process(stopped_during_save, tmp_path):
     run = stopped_during_save[0]
     prepare_case(tmp_path / "case", run)
     build, fragments = STARTUP_CASES["output_dir_is_a_file"]
     before = snapshot(tmp_path / "case")
     script, args = build(tmp_path / "case", run)
-    result = run_script(script, *args, timeout=120)
+    result = run_script(script, *args)
     assert_one_line(result.returncode, result.stderr, 1, *fragments)
     assert snapshot(tmp_path / "case") == before
 
@@ -453,6 +462,7 @@ def odd_pictures():
             "palette.png": (palette, {"transparency": 0}), "sixteen.png": (Image.fromarray(gradient), {})}
 
 
+@pytest.mark.slow
 def test_predict_sees_the_pixels_the_loader_sees(stopped_during_save, coco_folder, tmp_path):
     weights = stopped_during_save[0] / "model_0.pth"
     pictures = odd_pictures()

@@ -8,6 +8,10 @@ import torch
 
 from helpers import LITE, assert_ok, printed_ap, read_log, run_script, torchrun, train_args
 
+# Left out of the quick loop (pytest -m "not slow"): every test trains or evaluates through train.py in a
+# subprocess (torchrun too).
+pytestmark = pytest.mark.slow
+
 DEMO_TEST_EPOCHS = 5
 def test_training_writes_checkpoints_log_and_ap_table(trained_run):
     output_dir, result = trained_run
@@ -112,7 +116,7 @@ def test_a_short_demo_run_learns(device, extra, tmp_path):
         "train.py", "--dataset", "shapes", "--data-path", tmp_path / "shapes", "--shapes-num-train", 320,
         "--shapes-num-val", 40, "--model", LITE, "--device", device, "--epochs", DEMO_TEST_EPOCHS, "-b", 4,
         "--lr", 0.01, "--lr-scheduler", "cosineannealinglr", "--weight-decay", 4e-5, "--warmup-iters", 50, "-j", 0,
-        "--seed", 0, "--eval-freq", DEMO_TEST_EPOCHS, "--output-dir", output_dir, *extra, timeout=600,
+        "--seed", 0, "--eval-freq", DEMO_TEST_EPOCHS, "--output-dir", output_dir, *extra,
     )
     assert_ok(result)
     ap50 = read_log(output_dir)[-1]["coco"]["AP50"]

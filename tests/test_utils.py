@@ -262,6 +262,7 @@ def _distributed_worker(rank, port, out_dir, gt_path, predictions):
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_reduce_stop_gather_and_evaluate_like_one(tmp_path):
     # Imported here, not at the top: the spawned workers import this module and need none of it.
     from helpers import evaluate, jittered_evaluation

@@ -189,6 +189,7 @@ def voc_run(root, output_dir, *extra, epochs=1):
     return [*train_args(root, output_dir, epochs=epochs), "--dataset", "voc", "--voc-classes", *SHAPE_CLASSES, *extra]
 
 
+@pytest.mark.slow
 def test_train_and_test_only_on_voc_report_the_same_map(voc_shapes_root, tmp_path):
     # Train on a list of our own with 8 of the trainval images: two iterations of 4.
     lists = voc_shapes_root / "VOC2007" / "ImageSets" / "Main"
@@ -224,6 +225,7 @@ BAD_VOC_INPUT = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", BAD_VOC_INPUT)
 def test_bad_voc_input_is_reported_in_one_line(case, tmp_path):
     break_it, extra, fragments = BAD_VOC_INPUT[case]
@@ -233,7 +235,7 @@ def test_bad_voc_input_is_reported_in_one_line(case, tmp_path):
     break_it(root)
     result = run_script("train.py", "--dataset", "voc", "--data-path", root, "--voc-classes", "cat", *extra,
                         "--model", "ssdlite320_mobilenet_v3_large", "--epochs", 1, "-b", 2, "-j", 0,
-                        "--output-dir", "", timeout=120)
+                        "--output-dir", "")
     lines = result.stderr.strip().splitlines()
     assert result.returncode != 0 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     assert all(fragment in lines[0] for fragment in fragments), lines[0]
