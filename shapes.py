@@ -23,6 +23,7 @@ import math
 import multiprocessing
 import os
 import shutil
+import sys
 import tempfile
 import xml.etree.ElementTree as ElementTree
 
@@ -312,4 +313,5 @@ if __name__ == "__main__":
     try:
         main()
     except KeyboardInterrupt:
-        raise SystemExit("shapes.py: interrupted; no partial dataset was left under the --output name") from None
+        print("shapes.py: interrupted; no partial dataset was left under the --output name", file=sys.stderr)
+        sys.exit(130)

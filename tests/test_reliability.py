@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from helpers import LITE, REPO, assert_ok, read_log, run_script, torchrun, train_args
-from utils import LOCK_NAME
+from safe_io import LOCK_NAME
 
 
 def digest(path):
