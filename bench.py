@@ -38,11 +38,13 @@ from pycocotools.cocoeval import COCOeval
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision.ops import box_iou
 
+import cli
 import coco_eval
 import coco_utils
 import engine
 import models
 import presets
+import safe_io
 import utils
 from models.postprocess import match_detections, postprocess_detections
 from models.transform import batch_targets
@@ -87,9 +89,16 @@ QUICK = Sizes(train_batches=(2, 3), infer_batches=(1, 2), postprocess_batch=2, l
               eval_images=50, detections_per_image=100, repeats=1, warmup=1, peak_matmul_size=1024)
 
 
+# Bounds far beyond use that stop a typo before the benchmark (see cli.whole_number).
+MAX_REPEATS = 1000
+MAX_PROFILE_ROWS = 1000
+# --json replaces an existing file only where it holds these keys (or with --overwrite).
+REPORT_KEYS = {"date", "command", "machine", "sizes", "flags", "rows"}
+
+
 def get_args_parser():
-    parser = argparse.ArgumentParser(description="Benchmark our SSD against torchvision's")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    parser = cli.OneLineParser(description="Benchmark our SSD against torchvision's")
+    parser.add_argument("--device", type=cli.device_name, default="cpu", help="cpu or cuda (default: cpu)")
     parser.add_argument("--amp", action="store_true",
                         help="autocast the models: float16 on CUDA (with GradScaler); bfloat16 on CPU, which is "
                              "emulated and several times slower on CPUs without AVX512-BF16/AMX")
@@ -101,13 +110,19 @@ def get_args_parser():
                         help="model(s) to benchmark (default: both)")
     parser.add_argument("--rows", nargs="+", choices=ROW_KINDS, default=list(ROW_KINDS),
                         help="which kinds of rows to run (default: all)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per row (default: 5, quick: 1)")
+    parser.add_argument("--repeats", type=cli.whole_number(1, MAX_REPEATS), default=None,
+                        help="timed repeats per row (default: 5, quick: 1)")
     parser.add_argument("--quick", action="store_true", help="1-2 minute smoke run with tiny sizes and repeats")
     parser.add_argument("--data-path", default=None,
                         help="a COCO-layout folder (train2017/, annotations/instances_train2017.json) to read "
                              "images from instead of generated COCO-like JPEGs")
-    parser.add_argument("--json", default=None, help="save machine info, versions and every figure to this file")
-    parser.add_argument("--profile", type=int, default=0, metavar="N",
+    parser.add_argument("--json", default=None,
+                        help="save machine info, versions and every figure to this file (checked before the "
+                             "benchmark starts; an existing file is replaced only if it is such a report, see "
+                             "--overwrite)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --json file that is not a bench.py report")
+    parser.add_argument("--profile", type=cli.whole_number(0, MAX_PROFILE_ROWS), default=0, metavar="N",
                         help="also print torch.profiler's N most expensive operators (self time) of one training "
                              "step and one inference batch of each side, and the convolutions' share of the time")
     parser.add_argument("--compile", action="store_true",
@@ -789,14 +804,22 @@ def machine_info(device):
     }
 
 
-def main(args):
+def is_bench_report(path):
+    """Whether path holds a report an earlier bench.py --json wrote (so that replacing it loses nothing else)."""
     try:
-        args.device = torch.device(args.device)
-    except RuntimeError:
-        raise SystemExit(f"bench.py: error: --device {args.device!r} is not a device; use cpu or cuda") from None
+        with open(path, encoding="utf-8") as f:
+            report = json.load(f)
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(report, dict) and REPORT_KEYS <= report.keys()
+
+
+def main(args):
+    if args.json:
+        safe_io.check_output_file(args.json, "--json", kind="a bench.py report", is_kind=is_bench_report,
+                                  overwrite=args.overwrite)
+    args.device = torch.device(args.device)
     if args.device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise SystemExit("bench.py: error: --device cuda given but CUDA is not available")
         torch.backends.cudnn.benchmark = True  # SSD inputs have one fixed size
     sizes = QUICK if args.quick else FULL
     if args.compile:
@@ -804,8 +827,6 @@ def main(args):
         compile_cache = tempfile.TemporaryDirectory(prefix="bench-inductor-")
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = compile_cache.name
     if args.repeats is not None:
-        if args.repeats < 1:
-            raise SystemExit(f"bench.py: error: --repeats must be at least 1, got {args.repeats}")
         sizes = Sizes(**{**asdict(sizes), "repeats": args.repeats})
     info = machine_info(args.device)
     args.peak_gflops = None
@@ -849,7 +870,7 @@ def main(args):
                   "flags": {"device": str(args.device), "amp": args.amp, "channels_last": args.channels_last,
                             "compile": args.compile},
                   "rows": rows}
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        safe_io.write_text_atomic(args.json, json.dumps(report, indent=2) + "\n")
 
 
 def model_and_data_rows(root, args, sizes):
@@ -881,7 +902,12 @@ def model_and_data_rows(root, args, sizes):
 
 
 if __name__ == "__main__":
+    cli.survive_closed_output()
     try:
         main(get_args_parser().parse_args())
     except coco_utils.DatasetError as error:
         sys.exit(f"bench.py: error: --data-path: {error}")
+    except cli.UserInputError as error:
+        sys.exit(f"bench.py: error: {error}")
+    except OSError as error:  # the final --json write (a full disk, a folder gone); the table is printed above
+        sys.exit(f"bench.py: error: {cli.one_line(error)}")

@@ -15,6 +15,7 @@ After exporting, the graph is run with onnxruntime on the --check images (or syn
 PyTorch model's own eval pipeline: the same detections within tolerance, or exit status 1.
 """
 import argparse
+import contextlib
 import importlib
 import json
 import logging
@@ -40,6 +41,8 @@ BOX_TOLERANCE = 0.05
 SCORE_TOLERANCE = 5e-4
 # torch's exporter writes opset 18 and converts up from there; onnx cannot convert it down (measured, torch 2.14).
 MIN_OPSET = 18
+# export.py replaces an existing --output only where it holds this (or with --overwrite).
+OUTPUT_KIND = "an ONNX file written by export.py"
 
 
 def require(module, package):
@@ -100,6 +103,11 @@ def export_onnx(model, output, opset=None, metadata=None):
         custom_translation_table=onnx_translations(),
         verbose=False,
     )
+    written = program.model.opset_imports.get("")
+    if opset is not None and written != opset:
+        # The exporter falls back to its own opset, with a long warning, where onnx cannot convert to the one asked.
+        raise cli.UserInputError(f"--opset {opset}: the exporter could not convert this model to it (it gives opset "
+                                 f"{written}); nothing was written")
     program.model.metadata_props.update(metadata or {})
     with safe_io.replacing(output) as tmp_path:  # a failed or interrupted export never leaves a partial file
         program.save(tmp_path, external_data=False)
@@ -143,37 +151,65 @@ def check_against_pytorch(references, output, batch):
     return all_match
 
 
+def newest_opset():
+    """The newest ONNX opset the installed onnx package knows, or None without onnx (main() then says so)."""
+    with contextlib.suppress(ImportError):
+        return importlib.import_module("onnx").defs.onnx_opset_version()
+    return None
+
+
+def opset_version(text):
+    """An argparse type: an opset from MIN_OPSET to the newest the installed onnx knows."""
+    newest = newest_opset()
+    if newest is None:
+        raise argparse.ArgumentTypeError("export.py needs the optional package 'onnx': pip install onnx")
+    return cli.whole_number(MIN_OPSET, newest)(text)
+
+
 def get_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="model name; optional when the checkpoint names it")
     parser.add_argument("--weights", required=True, help="checkpoint file or torchvision weights name")
-    parser.add_argument("--output", required=True, help="ONNX file to write")
+    parser.add_argument("--output", required=True,
+                        help="ONNX file to write; an existing file is replaced only if export.py wrote it (see "
+                             "--overwrite), never a training run's checkpoint or log nor an input")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --output that export.py did not write")
     parser.add_argument("--check", nargs="*", default=[], metavar="IMAGE",
                         help="images to compare onnxruntime with PyTorch on (default: 3 synthetic images)")
-    parser.add_argument("--opset", type=int, default=None,
-                        help=f"ONNX opset, at least {MIN_OPSET} (default: the exporter's, 20 with torch 2.14)")
-    parser.add_argument("--score-thresh", type=float, default=None,
-                        help="score threshold baked into the graph (default: the model's, kept low for evaluation)")
+    parser.add_argument("--opset", type=opset_version, default=None,
+                        help=f"ONNX opset, from {MIN_OPSET} (what the exporter writes) to {newest_opset()} (the "
+                             "newest the installed onnx knows) (default: the exporter's, 20 with torch 2.14)")
+    parser.add_argument("--score-thresh", type=cli.score_threshold, default=None,
+                        help="score threshold baked into the graph, from 0 to below 1 (default: the model's, kept "
+                             "low for evaluation)")
     return parser
 
 
+def is_exported_onnx(path):
+    """Whether path holds an ONNX graph with the metadata export.py writes (so that replacing it loses nothing of
+    the user's)."""
+    onnx = require("onnx", "onnx")
+    try:
+        keys = {prop.key for prop in onnx.load(path, load_external_data=False).metadata_props}
+    except Exception:  # noqa: BLE001 - protobuf reports a foreign file with many exception types: not ours
+        return False
+    return {"model", "input_size", "categories"} <= keys
+
+
 def check_output(args):
-    """Before any work: --output must be writable and must not be one of the inputs (it would be replaced)."""
-    safe_io.check_output_file(args.output)
-    for flag, path in [("--weights", args.weights)] + [("--check", path) for path in args.check]:
-        if safe_io.same_file(args.output, path):
-            raise cli.UserInputError(f"--output {args.output} is the {flag} input {path}: choose another file name")
+    """Before any work: --output follows the one output rule (safe_io.check_output_file)."""
+    inputs = [("--weights", args.weights)] + [("--check", path) for path in args.check]
+    safe_io.check_output_file(args.output, inputs=inputs, kind=OUTPUT_KIND, is_kind=is_exported_onnx,
+                              overwrite=args.overwrite)
 
 
 def main(args):
     for module, package in (("onnx", "onnx"), ("onnxscript", "onnxscript"), ("onnxruntime", "onnxruntime")):
         require(module, package)
     check_output(args)
-    if args.opset is not None and args.opset < MIN_OPSET:
-        raise cli.UserInputError(f"--opset {args.opset}: the exporter writes opset {MIN_OPSET} or newer")
     model, model_name, class_names = models.load_detector(args.weights, args.model)
     if args.score_thresh is not None:
-        cli.check_score_thresh(args.score_thresh)
         model.score_thresh = args.score_thresh
     batch = load_check_batch(args.check, model.size)
     # The reference is the model's normal eval path (list in, per-image dicts out), so the check covers the whole
@@ -197,10 +233,13 @@ def main(args):
 
 
 if __name__ == "__main__":
+    cli.survive_closed_output()
     try:
         main(get_args_parser().parse_args())
     except (cli.UserInputError, models.WeightsError) as error:
         sys.exit(f"export.py: {error}")
+    except OSError as error:  # the final write (a full disk, a folder gone): one line naming --output
+        sys.exit(f"export.py: {cli.one_line(error)}")
     except KeyboardInterrupt:
         print("export.py: interrupted; no partial ONNX file was left", file=sys.stderr)
         sys.exit(130)

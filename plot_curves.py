@@ -15,6 +15,7 @@ import sys
 # and a training process that imports this module keeps whatever backend it had.
 from matplotlib.figure import Figure
 
+import cli
 import safe_io
 
 REQUIRED_KEYS = {"epoch", "lr", "train"}
@@ -32,20 +33,28 @@ def read_log(log_path):
     appears twice (a run resumed from an older checkpoint), the later record wins.
     """
     records = {}
-    with open(log_path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                print(f"{log_path}:{line_number}: skipping a line that is not complete JSON", file=sys.stderr)
-                continue
-            if not isinstance(record, dict) or not REQUIRED_KEYS <= record.keys():
-                needed = ", ".join(sorted(REQUIRED_KEYS))
-                raise ValueError(f"{log_path}:{line_number}: not an epoch record (needs {needed})")
-            records[record["epoch"]] = record
+    try:
+        lines = _read_lines(log_path)
+    except UnicodeDecodeError:
+        raise ValueError(f"{log_path}: not a text file, so not a log.jsonl written by train.py") from None
+    for line_number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            print(f"{log_path}:{line_number}: skipping a line that is not complete JSON", file=sys.stderr)
+            continue
+        if not isinstance(record, dict) or not REQUIRED_KEYS <= record.keys():
+            needed = ", ".join(sorted(REQUIRED_KEYS))
+            raise ValueError(f"{log_path}:{line_number}: not an epoch record (needs {needed})")
+        records[record["epoch"]] = record
     return [records[epoch] for epoch in sorted(records)]
+
+
+def _read_lines(log_path):
+    with open(log_path, encoding="utf-8") as f:
+        return f.readlines()
 
 
 def plot_curves(log_path, output_path):
@@ -132,24 +141,43 @@ def plot_comparison(log_paths, output_path):
     _save(figure, output_path)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def get_args_parser():
+    parser = cli.OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("logs", nargs="+", metavar="log",
                         help="a log.jsonl written by train.py; several logs are compared on one figure")
     parser.add_argument("-o", "--output", default=None,
-                        help="PNG to write (default: curves.png next to a single log, compare.png for several)")
-    args = parser.parse_args()
-    try:
-        if len(args.logs) == 1:
-            output = args.output or os.path.join(os.path.dirname(os.path.abspath(args.logs[0])), "curves.png")
-            plot_curves(args.logs[0], output)
-        else:
-            output = args.output or "compare.png"
-            plot_comparison(args.logs, output)
-    except (OSError, ValueError) as error:
-        sys.exit(f"plot_curves.py: {error}")
+                        help="PNG to write (default: curves.png next to a single log, compare.png for several); an "
+                             "existing file is replaced only if it is a matplotlib PNG (see --overwrite), never a "
+                             "log or another file of a training run")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --output that is not a matplotlib PNG")
+    return parser
+
+
+def is_matplotlib_png(path):
+    """Whether path is a PNG that matplotlib wrote (its Software text chunk comes before the pixels): what
+    plot_curves.py and train.py write, so replacing it loses nothing of the user's."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    return head.startswith(b"\x89PNG\r\n\x1a\n") and b"Matplotlib" in head
+
+
+def main(args):
+    single = len(args.logs) == 1
+    default = os.path.join(os.path.dirname(os.path.abspath(args.logs[0])), "curves.png") if single else "compare.png"
+    output = args.output or default
+    safe_io.check_output_file(output, "--output", inputs=[("log", log) for log in args.logs],
+                              kind="a matplotlib PNG", is_kind=is_matplotlib_png, overwrite=args.overwrite)
+    if single:
+        plot_curves(args.logs[0], output)
+    else:
+        plot_comparison(args.logs, output)
     print(f"wrote {output}")
 
 
 if __name__ == "__main__":
-    main()
+    cli.survive_closed_output()
+    try:
+        main(get_args_parser().parse_args())
+    except (OSError, ValueError) as error:  # cli.UserInputError is a ValueError
+        sys.exit(f"plot_curves.py: {cli.one_line(error)}")

@@ -209,17 +209,23 @@ def predict(model, class_names, images, output_dir, records, device="cpu", batch
             next_report = (consumed // print_freq + 1) * print_freq
 
 
+MAX_PRINT_FREQ = 10**9  # far beyond use: stops a typo before the work (see cli.whole_number)
+
+
 def get_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files and/or folders (searched recursively)")
     parser.add_argument("--model", default=None, help="model name; optional when the checkpoint names it")
     parser.add_argument("--weights", required=True,
                         help="checkpoint file (train.py's model_N.pth, a state_dict) or a torchvision weights name")
     parser.add_argument("--output-dir", required=True, help="folder for the pictures and detections.json")
-    parser.add_argument("--score-thresh", type=float, default=0.5, help="keep detections scoring above this")
-    parser.add_argument("--device", default="cpu", help="e.g. cpu, cuda, cuda:1")
-    parser.add_argument("-b", "--batch-size", type=int, default=8, help="images per forward pass")
-    parser.add_argument("--print-freq", type=int, default=20, help="print progress every N images")
+    parser.add_argument("--score-thresh", type=cli.score_threshold, default=0.5,
+                        help="keep detections scoring above this (from 0 to below 1)")
+    parser.add_argument("--device", type=cli.device_name, default="cpu", help="e.g. cpu, cuda, cuda:1")
+    parser.add_argument("-b", "--batch-size", type=cli.whole_number(1, cli.MAX_BATCH_SIZE), default=8,
+                        help="images per forward pass")
+    parser.add_argument("--print-freq", type=cli.whole_number(1, MAX_PRINT_FREQ), default=20,
+                        help="print progress every N images")
     parser.add_argument("--compile", action="store_true",
                         help="compile the network (backbone and heads) with torch.compile: on a CPU SSDlite runs "
                              "faster per image (SSD300 about the same), but compiling takes minutes (again for a "
@@ -227,15 +233,7 @@ def get_args_parser():
     return parser
 
 
-def validate_args(args):
-    cli.check_score_thresh(args.score_thresh)
-    if args.batch_size < 1 or args.print_freq < 1:
-        raise cli.UserInputError("--batch-size and --print-freq must be at least 1")
-    cli.check_device(args.device)
-
-
 def main(args):
-    validate_args(args)
     images = find_images(args.inputs, args.output_dir)
     if not images:
         extensions = " ".join(sorted(IMAGE_EXTENSIONS))
@@ -266,6 +264,7 @@ def main(args):
 
 
 if __name__ == "__main__":
+    cli.survive_closed_output()
     try:
         main(get_args_parser().parse_args())
     except (cli.UserInputError, models.WeightsError, models.CompileError) as error:

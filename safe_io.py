@@ -1,6 +1,7 @@
 """Low-level file safety shared by the entry points: crash-safe (atomic, durable) writes and their temporary-file
-clean-up, appending to and reading jsonl logs, checks that an output folder or file can be written, and the
-exclusive lock a training run holds on its folder.
+clean-up, appending to and reading jsonl logs, the checks that an output folder can be written and the one output
+rule of every script that writes a single file (check_output_file), and the exclusive lock a training run holds on
+its folder.
 
 What the files of a training run are, and the order an epoch writes them, is run_folder.py's concern, not this
 module's; command-line checks of flag values are in cli.py.
@@ -45,7 +46,10 @@ def replacing(path):
     file is removed and the old file is left untouched. Temporary names follow TEMP_FILE_PATTERN.
     """
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    except OSError as error:
+        raise _cannot_write(path, error) from error
     os.close(fd)
     try:
         yield tmp_path
@@ -61,9 +65,14 @@ def replacing(path):
             os.remove(tmp_path)
         os_error = _first_os_error(error)
         if os_error is not None:
-            raise OSError(os_error.errno, f"cannot write {path}: {os_error.strerror}") from error
+            raise _cannot_write(path, os_error) from error
         raise
     _fsync_directory(directory)
+
+
+def _cannot_write(path, os_error):
+    """An OSError that names path, the user's file, rather than the temporary file the error happened on."""
+    return OSError(os_error.errno, f"cannot write {path}: {os_error.strerror}")
 
 
 def _replace_atomically(path, write):
@@ -128,30 +137,67 @@ def _nearest_existing(path):
     return path
 
 
+def _check_can_create_files_in(directory, flag, path):
+    """Create and remove a probe file in directory: unlike os.access this also sees read-only mounts, root's
+    limits and file systems that take no new files (/proc). The probe is named like replacing()'s temporary files,
+    so a kill in between leaves nothing that remove_stale_temp_files would not clean."""
+    try:
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path) or 'probe'}.", suffix=".tmp")
+        os.close(fd)
+        with contextlib.suppress(FileNotFoundError):  # a run holding the folder may have cleaned it up already
+            os.remove(probe)
+    except OSError as error:
+        raise UserInputError(f"{flag} {path}: cannot write in {directory}: {error.strerror}") from None
+
+
 def prepare_output_dir(path, flag="--output-dir"):
     """Create the folder path (and missing parents), or stop with one line saying why it cannot be written."""
     existing = _nearest_existing(path)
     if not os.path.isdir(existing):
         what = "is a file" if existing == os.path.abspath(path) else f"cannot be created: {existing} is a file"
         raise UserInputError(f"{flag} {path} {what}, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserInputError(f"{flag} {path}: no permission to write in {existing}")
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as error:
         raise UserInputError(f"{flag} {path}: cannot create it: {error.strerror}") from None
+    _check_can_create_files_in(path, flag, path)
 
 
-def check_output_file(path, flag="--output"):
-    """Stop with one line unless path can be written as a file: its folder exists and is writable, and path is
-    not a folder."""
-    directory = os.path.dirname(os.path.abspath(path))
+# The files of a training run (train.py's checkpoints and log): no script writing a single file may replace one,
+# or write under their names, whatever it is told.
+TRAINING_RUN_FILE = re.compile(r"checkpoint\.pth|log\.jsonl|model_(\d+|best)\.pth")
+
+
+def check_output_file(path, flag="--output", *, inputs=(), kind=None, is_kind=None, overwrite=False):
+    """The one output rule of every script that writes a single file, checked before the work: stop with one
+    line unless path may be written.
+
+    - path is none of inputs ((flag, path) pairs) and not a training run's file (TRAINING_RUN_FILE);
+    - an existing path is replaced only when is_kind(path) says it holds what this script writes (kind, e.g.
+      "an ONNX file written by export.py"), or with overwrite (the script's --overwrite); a folder or any other
+      non-regular file never;
+    - its folder exists and a file can be created there (a probe, see _check_can_create_files_in).
+
+    A failure of the final write itself is reported by replacing() as an OSError naming path.
+    """
+    for input_flag, input_path in inputs:
+        if same_file(path, input_path):
+            raise UserInputError(f"{flag} {path} is the {input_flag} input {input_path}: choose another file name")
+    if TRAINING_RUN_FILE.fullmatch(os.path.basename(path)):
+        raise UserInputError(f"{flag} {path}: {os.path.basename(path)} is the name of a training run's file; "
+                             "choose another file name")
     if os.path.isdir(path):
         raise UserInputError(f"{flag} {path} is a folder, not a file name")
+    if os.path.lexists(path):
+        if not os.path.isfile(path):
+            raise UserInputError(f"{flag} {path} exists and is not a regular file: choose another file name")
+        if not overwrite and not (is_kind is not None and is_kind(path)):
+            raise UserInputError(f"{flag} {path} already exists and is not {kind}: choose another file name, or "
+                                 "add --overwrite to replace it")
+    directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise UserInputError(f"{flag} {path}: the folder {directory} does not exist")
-    if not os.access(directory, os.W_OK | os.X_OK):
-        raise UserInputError(f"{flag} {path}: no permission to write in {directory}")
+    _check_can_create_files_in(directory, flag, path)
 
 
 def same_file(a, b):

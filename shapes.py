@@ -17,19 +17,20 @@ folder beside the target that is renamed into place when complete, so concurrent
 ranks) are safe and a killed generation never leaves a partial dataset behind under the target name.
 """
 
-import argparse
 import functools
 import json
 import math
 import multiprocessing
 import os
 import shutil
+import sys
 import tempfile
 import xml.etree.ElementTree as ElementTree
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+import cli
 from coco_utils import SPLITS, DatasetError
 
 CATEGORIES = ["circle", "rectangle", "triangle", "star", "cross"]  # category ids 1..5
@@ -38,6 +39,10 @@ GENERATOR_VERSION = 1
 _SPLIT_SEEDS = {"train": 0, "val": 1}
 LAYOUTS = ("coco", "voc")
 MIN_IMAGE_SIDE = 64  # --image-size: room for shapes a few default boxes wide
+# Bounds far beyond use that stop a typo before gigabytes are drawn (see cli.whole_number): eight times COCO's
+# training set, and sides larger than most cameras' JPEGs.
+MAX_IMAGES = 1_000_000
+MAX_IMAGE_SIDE = 8192
 VOC_LISTS = {"train": "trainval", "val": "test"}
 DIFFICULT_FRACTION = 0.2  # VOC layout: objects whose longer side is under this fraction of the shorter image side
 
@@ -272,24 +277,27 @@ def ensure_shapes_dataset(root, num_train=1000, num_val=200, seed=0, layout="coc
     return root
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description="Write the synthetic shapes detection dataset in COCO or VOC layout.")
+def get_args_parser():
+    parser = cli.OneLineParser(description="Write the synthetic shapes detection dataset in COCO or VOC layout.")
     parser.add_argument("--output", required=True, help="folder to create (reused if it already holds the same dataset)")
-    parser.add_argument("--num-train", type=int, default=1000, help="number of training images")
-    parser.add_argument("--num-val", type=int, default=200, help="number of validation images")
-    parser.add_argument("--seed", type=int, default=0, help="random seed; the content is a function of it")
+    image_count = cli.whole_number(1, MAX_IMAGES)
+    parser.add_argument("--num-train", type=image_count, default=1000, help="number of training images")
+    parser.add_argument("--num-val", type=image_count, default=200, help="number of validation images")
+    parser.add_argument("--seed", type=cli.seed, default=0, help="random seed; the content is a function of it")
     parser.add_argument("--format", default="coco", choices=LAYOUTS,
                         help="coco: train2017/, val2017/, annotations/; voc: VOC2007/ with trainval and test lists")
-    parser.add_argument("--image-size", type=int, nargs=2, metavar=("WIDTH", "HEIGHT"), default=None,
+    parser.add_argument("--image-size", type=cli.whole_number(MIN_IMAGE_SIDE, MAX_IMAGE_SIDE), nargs=2,
+                        metavar=("WIDTH", "HEIGHT"), default=None,
                         help="every image this size, e.g. 640 480 for COCO-sized JPEGs to measure data loading "
                              "(default: each side 128-320 pixels)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count(),
+    parser.add_argument("--workers", type=cli.whole_number(1, cli.MAX_PROCESSES),
+                        default=min(os.cpu_count(), cli.MAX_PROCESSES),
                         help="processes drawing the images (default: one per CPU); the files do not depend on it")
-    args = parser.parse_args(argv)
-    if args.num_train < 1 or args.num_val < 1:
-        parser.error("--num-train and --num-val must be at least 1")
-    if args.image_size is not None and min(args.image_size) < MIN_IMAGE_SIDE:
-        parser.error(f"--image-size sides must be at least {MIN_IMAGE_SIDE} pixels, got {args.image_size}")
+    return parser
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
     try:
         root = ensure_shapes_dataset(args.output, args.num_train, args.num_val, args.seed, layout=args.format,
                                      image_size=args.image_size, workers=args.workers)
@@ -301,4 +309,9 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.survive_closed_output()
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("shapes.py: interrupted; no partial dataset was left under the --output name", file=sys.stderr)
+        sys.exit(130)

@@ -16,9 +16,9 @@ Reading order: the flags and their checks, the datasets and loaders, the model, 
 loop. What the output folder holds and how it survives kills and resumes is run_folder.py's, one call per step here.
 """
 import argparse
+import contextlib
 import datetime
 import errno
-import math
 import os
 import secrets
 import signal
@@ -55,6 +55,13 @@ from group_by_aspect_ratio import GroupedBatchSampler, create_aspect_ratio_group
 # 1x1 feature maps, and BatchNorm needs more than one value per channel in training mode.
 MIN_TRAIN_BATCH_SIZE = {"ssdlite320_mobilenet_v3_large": 2}
 DEFAULT_DATA_PATHS = {"coco": "data/coco", "shapes": "data/shapes", "voc": "data/VOCdevkit"}
+DEFAULT_LR_STEPS = [16, 22]
+# Bounds far beyond use that stop a typo before the run starts (see cli.whole_number); the published recipes
+# train for at most 660 epochs.
+MAX_EPOCHS = 100_000
+MAX_ITERATIONS = 10**9  # --warmup-iters, --print-freq
+MAX_LR = 10.0  # over sixty times the largest published recipe's (0.15, SSDlite at 8 x 24 images)
+MAX_ASPECT_RATIO_BINS = 100
 
 
 def get_args_parser(add_help=True):
@@ -85,11 +92,14 @@ def get_args_parser(add_help=True):
                       help="voc: the class names, labels 1..N in this order (default: the 20 Pascal VOC classes)")
     data.add_argument("--keep-difficult", action="store_true",
                       help="voc: train on objects marked difficult too (evaluation always ignores them)")
-    data.add_argument("--shapes-num-train", default=1000, type=int, help="training images of the shapes dataset")
-    data.add_argument("--shapes-num-val", default=200, type=int, help="validation images of the shapes dataset")
-    data.add_argument("-j", "--workers", default=4, type=int, help="data loading workers per process")
-    data.add_argument("--aspect-ratio-group-factor", default=3, type=int,
-                      help="batch images of similar aspect ratio (k bins per side); negative disables")
+    image_count = cli.whole_number(1, shapes.MAX_IMAGES)
+    data.add_argument("--shapes-num-train", default=1000, type=image_count, help="training images of the shapes dataset")
+    data.add_argument("--shapes-num-val", default=200, type=image_count, help="validation images of the shapes dataset")
+    data.add_argument("-j", "--workers", default=4, type=cli.whole_number(0, cli.MAX_PROCESSES),
+                      help="data loading workers per process (0: load in the training process)")
+    data.add_argument("--aspect-ratio-group-factor", default=3, type=cli.whole_number(-1, MAX_ASPECT_RATIO_BINS),
+                      help="batch images of similar aspect ratio (k bins per side; 0: two groups, portrait and "
+                           "landscape); -1 disables")
     data.add_argument("--data-augmentation", default="hflip", choices=presets.POLICIES)
     data.add_argument("--backend", default="pil", type=str.lower, choices=presets.BACKENDS)
     data.add_argument("--use-v2", action="store_true", help="use torchvision.transforms.v2 and tv_tensors")
@@ -105,7 +115,12 @@ def get_args_parser(add_help=True):
                             "layers are rebuilt, keeping the rows of classes with matching names")
     model.add_argument("--weights-backbone", default=None,
                        help="backbone weights name (e.g. VGG16_Weights.IMAGENET1K_FEATURES) or a local .pth file")
-    model.add_argument("--trainable-backbone-layers", default=None, type=int)
+    model.add_argument("--trainable-backbone-layers", default=None,
+                       type=cli.whole_number(0, max(models.TRAINABLE_LAYERS.values())),
+                       help="backbone stages to train, counted from the last, with pretrained weights: SSD300 has "
+                            f"{models.TRAINABLE_LAYERS['ssd300_vgg16']}, SSDlite "
+                            f"{models.TRAINABLE_LAYERS['ssdlite320_mobilenet_v3_large']} (default: torchvision's, "
+                            "4 and 6; without pretrained weights everything trains)")
     model.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (SSDlite)")
     model.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                        help="channels_last memory format for the convolutions (default: where measured faster: "
@@ -120,26 +135,34 @@ def get_args_parser(add_help=True):
                             "docs/performance.md)")
 
     optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    optim.add_argument("-b", "--batch-size", default=2, type=int, help="images per process")
-    optim.add_argument("--epochs", default=26, type=int, metavar="N")
+    optim.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", type=cli.device_name)
+    optim.add_argument("-b", "--batch-size", default=2, type=cli.whole_number(1, cli.MAX_BATCH_SIZE),
+                       help="images per process")
+    optim.add_argument("--epochs", default=26, type=cli.whole_number(1, MAX_EPOCHS), metavar="N")
     optim.add_argument("--opt", default="sgd", type=str.lower, choices=engine.OPTIMIZERS)
-    optim.add_argument("--lr", default=0.02, type=float)
-    optim.add_argument("--momentum", default=0.9, type=float, metavar="M")
-    optim.add_argument("--wd", "--weight-decay", default=1e-4, type=float, metavar="W", dest="weight_decay")
-    optim.add_argument("--norm-weight-decay", default=None, type=float,
+    optim.add_argument("--lr", default=0.02, type=cli.real_number(0.0, MAX_LR, above_minimum=True))
+    # Momentum of 1 or more never forgets a gradient, so the steps grow without bound; weight decay is far below 1
+    # in every recipe (1e-4 to 0.05).
+    below_one = cli.real_number(0.0, 1.0, below_maximum=True)
+    optim.add_argument("--momentum", default=0.9, type=below_one, metavar="M")
+    optim.add_argument("--wd", "--weight-decay", default=1e-4, type=below_one, metavar="W", dest="weight_decay")
+    optim.add_argument("--norm-weight-decay", default=None, type=below_one,
                        help="weight decay for normalisation layers (default: same as --weight-decay)")
     optim.add_argument("--lr-scheduler", default="multisteplr", type=str.lower,
                        choices=["multisteplr", "cosineannealinglr"])
-    optim.add_argument("--lr-steps", default=[16, 22], nargs="+", type=int, help="MultiStepLR milestones (epochs)")
-    optim.add_argument("--lr-gamma", default=0.1, type=float, help="MultiStepLR factor")
-    optim.add_argument("--warmup-iters", default=1000, type=int,
+    optim.add_argument("--lr-steps", default=None, nargs="+", type=cli.whole_number(1, MAX_EPOCHS),
+                       help="MultiStepLR milestones: the epochs, below --epochs and increasing, from which the lr is "
+                            f"multiplied by --lr-gamma (default: {' '.join(map(str, DEFAULT_LR_STEPS))}, "
+                            "torchvision's)")
+    optim.add_argument("--lr-gamma", default=0.1, type=cli.real_number(0.0, 1.0, above_minimum=True),
+                       help="MultiStepLR factor, above 0 and at most 1")
+    optim.add_argument("--warmup-iters", default=1000, type=cli.whole_number(0, MAX_ITERATIONS),
                        help="linear warm-up iterations in the first epoch (torchvision: 1000)")
     optim.add_argument("--amp", action="store_true",
                        help="mixed precision: float16 + GradScaler on CUDA, bfloat16 on CPU (slow without AVX512-BF16/AMX)")
-    optim.add_argument("--seed", default=None, type=int,
-                       help="seed every random generator (default: a fresh seed, printed and stored in the "
-                            "checkpoints, so a run can be repeated with --seed)")
+    optim.add_argument("--seed", default=None, type=cli.seed,
+                       help=f"seed every random generator, from 0 to {cli.SEED_LIMIT - 1} (default: a fresh seed, "
+                            "printed and stored in the checkpoints, so a run can be repeated with --seed)")
     optim.add_argument("--use-deterministic-algorithms", action="store_true")
 
     run = parser.add_argument_group("run")
@@ -150,76 +173,80 @@ def get_args_parser(add_help=True):
                      help="checkpoint to resume from (e.g. OUTPUT_DIR/checkpoint.pth), or 'auto': "
                           "OUTPUT_DIR/checkpoint.pth when it exists, else start fresh (a requeued job reruns "
                           "its own command)")
-    run.add_argument("--start-epoch", "--start_epoch", default=0, type=int, dest="start_epoch")
-    run.add_argument("--print-freq", default=20, type=int)
+    run.add_argument("--start-epoch", "--start_epoch", default=0, type=cli.whole_number(0, MAX_EPOCHS),
+                     dest="start_epoch")
+    run.add_argument("--print-freq", default=20, type=cli.whole_number(1, MAX_ITERATIONS))
     run.add_argument("--test-only", action="store_true",
                      help="only evaluate (--weights or --resume); writes OUTPUT_DIR/detections.json and metrics.json")
     run.add_argument("--format-only", action="store_true",
                      help="only write OUTPUT_DIR/detections.json, without evaluating (implies --test-only; for "
                           "an image-info file without annotations, such as COCO test-dev's)")
-    run.add_argument("--keep-checkpoints", default=None, type=int, metavar="K",
+    run.add_argument("--keep-checkpoints", default=None, type=cli.whole_number(1, MAX_EPOCHS), metavar="K",
                      help="keep only the K newest model_{epoch}.pth (default: all); model_best.pth and "
                           "checkpoint.pth always stay")
     run.add_argument("--tensorboard", action="store_true",
                      help="also log losses, lr and AP to OUTPUT_DIR/tensorboard (needs: pip install tensorboard)")
-    run.add_argument("--eval-freq", default=1, type=int, help="evaluate every N epochs and after the last")
-    run.add_argument("--eval-batch-size", default=8, type=int, help="images per process during evaluation")
+    run.add_argument("--eval-freq", default=1, type=cli.whole_number(1, MAX_EPOCHS),
+                     help="evaluate every N epochs and after the last")
+    run.add_argument("--eval-batch-size", default=8, type=cli.whole_number(1, cli.MAX_BATCH_SIZE),
+                     help="images per process during evaluation")
     run.add_argument("--coco-backend", default="pycocotools", choices=coco_eval.BACKENDS)
-    run.add_argument("--world-size", default=1, type=int, help="number of processes (set by torchrun)")
-    run.add_argument("--dist-url", default="env://", help="url used to set up distributed training")
+    run.add_argument("--world-size", default=1, type=cli.whole_number(1, cli.MAX_PROCESSES),
+                     help="number of processes (set by torchrun)")
+    run.add_argument("--dist-url", default="env://", type=cli.dist_url,
+                     help="how the processes find each other: env:// (torchrun's), tcp://HOST:PORT or "
+                          "file:///PATH")
     return parser
 
 
 def validate_args(args):
-    """Reject flag values and combinations that cannot work, before anything is loaded or written."""
-    positive = {"--batch-size": args.batch_size, "--epochs": args.epochs, "--eval-freq": args.eval_freq,
-                "--eval-batch-size": args.eval_batch_size, "--print-freq": args.print_freq}
-    for flag, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"{flag} must be at least 1, got {value}")
-    if args.workers < 0:
-        raise ConfigError(f"--workers must be >= 0, got {args.workers}")
-    if not math.isfinite(args.lr) or args.lr <= 0:
-        raise ConfigError(f"--lr must be a positive number, got {args.lr}")
-    if args.warmup_iters < 0:
-        raise ConfigError(f"--warmup-iters must be >= 0, got {args.warmup_iters}")
-    non_negative = {"--momentum": args.momentum, "--weight-decay": args.weight_decay,
-                    "--norm-weight-decay": args.norm_weight_decay, "--start-epoch": args.start_epoch}
-    for flag, value in non_negative.items():
-        if value is not None and not (math.isfinite(value) and value >= 0):
-            raise ConfigError(f"{flag} must be a number >= 0, got {value}")
-    if not (math.isfinite(args.lr_gamma) and args.lr_gamma > 0):
-        raise ConfigError(f"--lr-gamma must be a positive number, got {args.lr_gamma}")
+    """Reject flag combinations that cannot work, before anything is loaded or written (each flag's own range is
+    checked by its argparse type). Runs before fill_in_implied_flags, so that defaults are told from given values."""
     min_batch_size = MIN_TRAIN_BATCH_SIZE.get(args.model, 1)
-    if not args.test_only and args.batch_size < min_batch_size:
+    if not (args.test_only or args.format_only) and args.batch_size < min_batch_size:
         raise ConfigError(f"--model {args.model} cannot train with --batch-size {args.batch_size}: its BatchNorm "
                           f"over 1x1 feature maps needs at least {min_batch_size} images per process")
-    if args.lr_scheduler == "multisteplr" and args.lr_steps != sorted(args.lr_steps):
-        raise ConfigError(f"--lr-steps must be increasing, got {args.lr_steps}")
+    check_lr_steps(args)
+    trainable_layers = models.TRAINABLE_LAYERS[args.model]
+    if args.trainable_backbone_layers is not None and args.trainable_backbone_layers > trainable_layers:
+        raise ConfigError(f"--trainable-backbone-layers {args.trainable_backbone_layers}: --model {args.model} has "
+                          f"{trainable_layers} backbone stages")
     if args.backend == "tv_tensor" and not args.use_v2:
         raise ConfigError("--backend tv_tensor needs --use-v2")
     if args.resume and args.resume != run_folder.AUTO_RESUME and args.weights:
         raise ConfigError("--resume already restores the model; drop --weights")
-    if args.keep_checkpoints is not None and args.keep_checkpoints < 1:
-        raise ConfigError(f"--keep-checkpoints must be at least 1, got {args.keep_checkpoints}")
-    for flag, needs_output in (("--resume auto", args.resume == run_folder.AUTO_RESUME), ("--format-only", args.format_only),
+    for flag, needs_output in (("--resume auto", args.resume == run_folder.AUTO_RESUME),
+                               ("--format-only", args.format_only),
                                ("--tensorboard", args.tensorboard)):
         if needs_output and not args.output_dir:
             raise ConfigError(f"{flag} needs an --output-dir")
-    if args.dataset == "shapes" and (args.shapes_num_train < 1 or args.shapes_num_val < 1):
-        raise ConfigError("--shapes-num-train and --shapes-num-val must be at least 1")
     if args.amp and args.device.startswith("cpu") and not utils.cpu_has_bfloat16_instructions():
         print("warning: --amp on CPU uses bfloat16 autocast, which this CPU emulates (no AVX512-BF16 or AMX): "
               "several times slower than float32", file=sys.stderr)
     validate_voc_args(args)
-    cli.check_device(args.device)
+
+
+def check_lr_steps(args):
+    """Given --lr-steps must be increasing and below --epochs: a milestone never reached would leave the lr
+    undecayed without a word. (The default, torchvision's, is not checked: short runs keep it unreached.)"""
+    if args.lr_steps is None or args.lr_scheduler != "multisteplr":
+        return
+    steps = " ".join(map(str, args.lr_steps))
+    if args.lr_steps != sorted(args.lr_steps):
+        raise ConfigError(f"--lr-steps {steps}: give the epochs in increasing order")
+    if args.lr_steps[-1] >= args.epochs:
+        raise ConfigError(f"--lr-steps {steps}: epoch {args.lr_steps[-1]} is never reached with --epochs "
+                          f"{args.epochs} (epochs are numbered from 0); give steps below {args.epochs}")
 
 
 def fill_in_implied_flags(args):
-    """Flags whose value follows from others: --format-only is a --test-only, and --data-path defaults by dataset."""
+    """Flags whose value follows from others: --format-only is a --test-only, --data-path defaults by dataset, and
+    --lr-steps by default are torchvision's."""
     args.test_only = args.test_only or args.format_only
     if args.data_path is None:
         args.data_path = DEFAULT_DATA_PATHS[args.dataset]
+    if args.lr_steps is None:
+        args.lr_steps = list(DEFAULT_LR_STEPS)
 
 
 def voc_splits(args, is_train):
@@ -427,9 +454,16 @@ def start_or_resume_training(args, model, scaler, resume_checkpoint):
 
 
 def main(args):
+    # Whatever ends the run (its end, --test-only, an error, a signal), the output folder's lock file is closed
+    # here, not left to the garbage collector (a ResourceWarning under python -W error).
+    with contextlib.ExitStack() as held_for_the_run:
+        train_or_evaluate(args, held_for_the_run)
+
+
+def train_or_evaluate(args, held_for_the_run):
     utils.install_stop_handlers()
-    fill_in_implied_flags(args)
     validate_args(args)
+    fill_in_implied_flags(args)
     summary_writer_class = utils.tensorboard_writer_class() if args.tensorboard else None
     coco_eval.load_backend(args.coco_backend)  # a missing package fails here, not after the first epoch
     utils.init_distributed_mode(args)
@@ -437,7 +471,8 @@ def main(args):
     if finished:
         utils.finish_distributed()
         return
-    output_lock = run_folder.take_output_dir(args) if args.output_dir and utils.is_main_process() else None
+    if args.output_dir and utils.is_main_process():
+        held_for_the_run.enter_context(run_folder.take_output_dir(args))
     device = torch.device(args.device)
     if args.channels_last is None:
         args.channels_last = models.prefers_channels_last(args.model, device, training=not args.test_only)
@@ -507,12 +542,11 @@ def main(args):
     utils.finish_distributed()
     total_time = str(datetime.timedelta(seconds=int(time.time() - start_time)))
     print(f"Training time {total_time}")
-    del output_lock  # held until here: the whole run
 
 
 def set_up_randomness(args, device):
     """Seeds every generator (each rank its own stream) and picks deterministic or fastest kernels."""
-    utils.seed_everything(args.seed + utils.get_rank())
+    utils.seed_everything(cli.rank_seed(args.seed, utils.get_rank()))
     if args.use_deterministic_algorithms:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
@@ -535,6 +569,7 @@ USER_ERRORS = (ConfigError, coco_utils.DatasetError, models.WeightsError, models
                utils.OptionalDependencyError)
 
 if __name__ == "__main__":
+    cli.survive_closed_output()  # a closed terminal or `| head` must not stop training: the files are the record
     args = get_args_parser().parse_args()
     try:
         main(args)

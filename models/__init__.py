@@ -3,6 +3,7 @@ names (same state_dict, losses and detections), without depending on torchvision
 import torch
 
 from .compile import CompileError, compile_network
+from . import ssd, ssdlite
 from .ssd import SSD, ssd300_vgg16
 from .ssdlite import ssdlite320_mobilenet_v3_large
 from .weights import WeightsError, class_names, load_checkpoint_file, load_model_state, read_weights_metadata
@@ -11,6 +12,8 @@ _BUILDERS = {
     "ssd300_vgg16": ssd300_vgg16,
     "ssdlite320_mobilenet_v3_large": ssdlite320_mobilenet_v3_large,
 }
+# The most backbone stages trainable_backbone_layers can name, per model.
+TRAINABLE_LAYERS = {"ssd300_vgg16": ssd.TRAINABLE_LAYERS, "ssdlite320_mobilenet_v3_large": ssdlite.TRAINABLE_LAYERS}
 
 # Where channels_last was measured faster than the default layout, A/B on the models as our scripts run them (the
 # figures, machines and dates are in docs/performance.md, "Memory format"): on CPU, inference of both models and an
@@ -26,7 +29,7 @@ _CHANNELS_LAST = {  # (device kind, training) -> model names
 }
 
 __all__ = [
-    "SSD", "CompileError", "WeightsError", "class_names", "compile_network", "get_model", "list_models",
+    "SSD", "TRAINABLE_LAYERS", "CompileError", "WeightsError", "class_names", "compile_network", "get_model", "list_models",
     "load_checkpoint_file", "load_detector", "load_model_state", "prefers_channels_last", "read_weights_metadata",
     *_BUILDERS,
 ]

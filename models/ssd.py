@@ -254,6 +254,7 @@ def xavier_init(module: nn.Module) -> nn.Module:
 VGG16_LAYOUT = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
 # features index of the first layer of each stage (conv1_1, conv2_1, ..., conv5_1), for freezing.
 VGG16_STAGE_STARTS = [0, 4, 9, 16, 23]
+TRAINABLE_LAYERS = len(VGG16_STAGE_STARTS)  # the most trainable_backbone_layers can name
 
 
 def vgg16_features() -> nn.Sequential:
@@ -340,7 +341,7 @@ def ssd300_vgg16(
     if plan.weights is not None:
         weights_backbone = None
     trainable_layers = resolve_trainable_layers(
-        plan.weights is not None or weights_backbone is not None, trainable_backbone_layers, 5, 4
+        plan.weights is not None or weights_backbone is not None, trainable_backbone_layers, TRAINABLE_LAYERS, 4
     )
 
     vgg = vgg16_features()

@@ -75,6 +75,11 @@ class MobileNetV3Extractor(nn.Module):
         return outputs
 
 
+# The stem, MobileNetV3-Large's four resolution-halving blocks and its last layer: the most trainable_backbone_layers
+# can name (torchvision's).
+TRAINABLE_LAYERS = 6
+
+
 def ssdlite320_mobilenet_v3_large(
     *, weights=None, weights_backbone=None, num_classes=None, trainable_backbone_layers=None, class_names=None,
     **options
@@ -97,7 +102,8 @@ def ssdlite320_mobilenet_v3_large(
     if plan.weights is not None:
         weights_backbone = None
     trainable_layers = resolve_trainable_layers(
-        plan.weights is not None or weights_backbone is not None, trainable_backbone_layers, 6, 6
+        plan.weights is not None or weights_backbone is not None, trainable_backbone_layers, TRAINABLE_LAYERS,
+        TRAINABLE_LAYERS
     )
 
     reduced_tail = weights_backbone is None

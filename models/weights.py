@@ -5,6 +5,7 @@ error that lists what does not match. The one exception is fine-tuning for other
 (load_for_new_classes): there only the classification layers may differ, and the rows of classes whose
 names match are carried over.
 """
+import argparse
 import os
 import pickle
 import re
@@ -40,13 +41,19 @@ def normalize_class_name(name: str) -> str:
 
 
 def load_checkpoint_file(path) -> dict:
-    """torch.load(path, map_location="cpu", weights_only=True), with one-line errors naming the file."""
+    """torch.load(path, map_location="cpu", weights_only=True), with one-line errors naming the file.
+
+    Checkpoints of torchvision's reference train.py store its flags as an argparse.Namespace: that one class is
+    allowed too (it holds plain attributes, and the weights_only unpickler still refuses anything else inside it),
+    and comes back as a dict, like the flags our train.py stores.
+    """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise WeightsError(f"weights file '{path}' does not exist" if not os.path.exists(path)
                            else f"weights file '{path}' is not a file")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         # What the weights_only unpickler says when a file would import (and so could run) code.
         if "Unsupported global" in str(error):
@@ -58,6 +65,8 @@ def load_checkpoint_file(path) -> dict:
         raise WeightsError(f"weights file '{path}' is not a PyTorch checkpoint or is truncated") from None
     if not isinstance(checkpoint, dict):
         raise WeightsError(f"weights file '{path}' holds a {type(checkpoint).__name__}, not a state_dict")
+    if isinstance(checkpoint.get("args"), argparse.Namespace):
+        checkpoint["args"] = vars(checkpoint["args"])
     return checkpoint
 
 

@@ -111,7 +111,7 @@ def test_table_lists_every_row(quick_run):
 
 
 @pytest.mark.parametrize("flags, fragment", [
-    (["--repeats", "0"], "--repeats must be at least 1"),
+    (["--repeats", "0"], "argument --repeats: 0 is out of range"),
     (["--data-path", "/nonexistent/coco"], "--data-path: /nonexistent/coco: data folder not found"),
 ])
 def test_bad_flags_fail_in_one_line(flags, fragment):
