@@ -37,9 +37,9 @@ METRICS_NAME = "metrics.json"
 TENSORBOARD_DIR = "tensorboard"
 EPOCH_MODEL = re.compile(r"model_(\d+)\.pth")
 AUTO_RESUME = "auto"
-# The files a run writes into --output-dir: a folder holding any of them belongs to a run.
-RUN_FILE_PATTERN = re.compile(r"checkpoint\.pth|log\.jsonl|curves\.png|model_(\d+|best)\.pth|detections\.json|"
-                              r"metrics\.json")
+# The files a run writes into --output-dir: a folder holding any of them belongs to a run. The checkpoints and the
+# log among them are also what no single-file writer may replace (safe_io.TRAINING_RUN_FILE).
+RUN_FILE_PATTERN = re.compile(rf"{safe_io.TRAINING_RUN_FILE.pattern}|curves\.png|detections\.json|metrics\.json")
 
 
 def check_output_dir(args):
