@@ -122,6 +122,9 @@ def get_args_parser(add_help=True):
     model.add_argument("--weights-backbone", default=None,
                        help="backbone weights name (e.g. VGG16_Weights.IMAGENET1K_FEATURES) or a local .pth file")
     model.add_argument("--trainable-backbone-layers", default=None, type=int)
+    model.add_argument("--default-boxes", default=None, choices=["coco", "voc"],
+                       help="ssd512_vgg16: the default box sizes of the paper's Caffe COCO model (the default) or "
+                            "of its VOC model (see docs/ssd512.md)")
     model.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (SSDlite)")
     model.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                        help="channels_last memory format for the convolutions (default: where measured faster: "
@@ -206,6 +209,8 @@ def validate_args(args):
             raise ConfigError(f"{flag} must be a number >= 0, got {value}")
     if not (math.isfinite(args.lr_gamma) and args.lr_gamma > 0):
         raise ConfigError(f"--lr-gamma must be a positive number, got {args.lr_gamma}")
+    if args.default_boxes is not None and args.model != "ssd512_vgg16":
+        raise ConfigError(f"--default-boxes is an option of --model ssd512_vgg16, not of --model {args.model}")
     min_batch_size = MIN_TRAIN_BATCH_SIZE.get(args.model, 1)
     if not args.test_only and args.batch_size < min_batch_size:
         raise ConfigError(f"--model {args.model} cannot train with --batch-size {args.batch_size}: its BatchNorm "
@@ -430,7 +435,7 @@ def check_resume_flags(args, saved):
     saved_model = saved.get("model")
     if saved_model is not None and saved_model != args.model:
         raise ConfigError(f"--resume {args.resume} was made with --model {saved_model}, not --model {args.model}")
-    for flag, name in (("--opt", "opt"), ("--lr-scheduler", "lr_scheduler")):
+    for flag, name in (("--opt", "opt"), ("--lr-scheduler", "lr_scheduler"), ("--default-boxes", "default_boxes")):
         if name in saved and saved[name] != getattr(args, name):
             raise ConfigError(f"--resume {args.resume} was trained with {flag} {saved[name]}, not {flag} "
                               f"{getattr(args, name)}: resume with {flag} {saved[name]}, or start a new run with "
@@ -459,6 +464,8 @@ def build_model(args, num_classes, class_names, device, resume_checkpoint):
     kwargs = {}
     if args.trainable_backbone_layers is not None:
         kwargs["trainable_backbone_layers"] = args.trainable_backbone_layers
+    if args.default_boxes is not None:
+        kwargs["default_boxes"] = args.default_boxes
     if args.weights and not args.test_only:
         # Training may adapt weights made for other classes; evaluating them as they are may not.
         kwargs["class_names"] = class_names
