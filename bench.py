@@ -6,7 +6,7 @@ Both models get the same weights. One table is printed; --json saves every figur
 SSD512, which torchvision does not have, is timed against our SSD300 instead (PEERS): its rows give its absolute
 figures in the "ours" column and SSD300's in the "torchvision" column, so the ratio is SSD512's cost against SSD300's.
 
-    python bench.py                                    # everything, both models, CPU (the long run)
+    python bench.py                                    # everything, all models, CPU (the long run)
     python bench.py --quick                            # 1-2 minute smoke run with tiny sizes
     python bench.py --device cuda --amp --channels-last --model ssdlite320_mobilenet_v3_large --rows train infer
 

@@ -79,7 +79,9 @@ def plan_weights(weights, model_name: str, num_classes: int | None, class_names:
             raise ValueError(f"class_names has label {max(class_names)}, num_classes={num_classes} is too small")
     if weights is None:
         return WeightsPlan(None, num_classes or 91, None)
-    loaded = load_weights(weights, (model_name, *donors), num_classes if class_names is None else None)
+    # Only a fine-tune may start from a donor's weights: other names are refused before any download.
+    loaded = load_weights(weights, (model_name, *donors) if class_names is not None else (model_name,),
+                          num_classes if class_names is None else None)
     trained_classes = loaded.num_classes
     if trained_classes is None and class_key in loaded.state_dict:
         trained_classes = loaded.state_dict[class_key].shape[0] // anchors_per_cell

@@ -141,8 +141,11 @@ def _torchvision_weights(spec, torchvision_models: tuple[str, ...]) -> torchvisi
             return weights
     valid = ", ".join(f"{enum.__name__}.{member}" for enum in enums for member in enum.__members__)
     unpublished = [name for name in torchvision_models if name not in published]
-    note = f" (torchvision publishes no {' or '.join(unpublished)} weights)" if unpublished else ""
-    raise WeightsError(f"weights '{spec}' are neither an existing file nor one of {valid or 'no names'}{note}")
+    note = f"torchvision publishes no {' or '.join(unpublished)} weights" if unpublished else ""
+    if not valid:
+        raise WeightsError(f"weights '{spec}' are not an existing file, and {note}")
+    raise WeightsError(f"weights '{spec}' are neither an existing file nor one of {valid}"
+                       + (f" ({note})" if note else ""))
 
 
 def load_model_state(module: nn.Module, state_dict: dict, source: str) -> None:

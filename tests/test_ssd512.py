@@ -4,12 +4,14 @@ fine-tuning from SSD300, refusals), the layout rules shared with SSD300, and tra
 to end on a tiny shapes set."""
 import json
 import math
+import os
 
 import pytest
 import torch
+import torchvision
 
 import models
-from helpers import SSD300, SSD512, assert_ok, random_images, random_targets, run_script, sgd_step
+from helpers import SSD300, SSD512, assert_ok, random_images, run_script, sgd_step
 
 GRID_SIZES = [64, 32, 16, 8, 4, 2, 1]
 BOXES_PER_LOCATION = [4, 6, 6, 6, 6, 4, 4]
@@ -101,9 +103,14 @@ def test_unknown_default_boxes_and_unpublished_weights_are_refused_in_one_line()
         models.get_model(SSD512, default_boxes="pascal")
     with pytest.raises(models.WeightsError) as error:
         models.get_model(SSD512, weights="SSD512_VGG16_Weights.COCO_V1")
-    message = str(error.value)
-    assert "\n" not in message and "SSD512_VGG16_Weights.COCO_V1" in message
-    assert "torchvision publishes no ssd512_vgg16 weights" in message and "SSD300_VGG16_Weights.COCO_V1" in message
+    assert str(error.value) == ("weights 'SSD512_VGG16_Weights.COCO_V1' are not an existing file, and torchvision "
+                                "publishes no ssd512_vgg16 weights")
+    # A fine-tune may start from SSD300's names, so they are offered (nothing is downloaded before the refusal).
+    with pytest.raises(models.WeightsError) as error:
+        models.get_model(SSD512, weights="SSD512_VGG16_Weights.COCO_V1", class_names={1: "cat"})
+    assert str(error.value) == ("weights 'SSD512_VGG16_Weights.COCO_V1' are neither an existing file nor one of "
+                                "SSD300_VGG16_Weights.COCO_V1, SSD300_VGG16_Weights.DEFAULT (torchvision publishes no "
+                                "ssd512_vgg16 weights)")
 
 
 def test_channels_last_rule_is_ssd300s(monkeypatch):
@@ -142,7 +149,8 @@ def test_fine_tuning_from_ssd300_copies_what_fits_and_initialises_the_rest(ssd30
     line = capsys.readouterr().out.strip()
 
     classifier = {key for key in state if key.startswith("head.classification_head")}
-    fitting = {key for key in state if key in source and key not in classifier and state[key].shape == source[key].shape}
+    fitting = {key for key in state
+               if key in source and key not in classifier and state[key].shape == source[key].shape}
     # The trunk, fc6/fc7, conv8_2 ... conv11_2 (same shapes in both) and the regression heads of maps 0-3 and 5.
     assert len(fitting) == 57 and "backbone.extra.4.2.weight" in fitting and "backbone.scale_weight" in fitting
     assert "head.regression_head.module_list.4.weight" not in fitting  # 6 boxes per location here, 4 in SSD300
@@ -165,9 +173,22 @@ def test_fine_tuning_from_ssd300_copies_what_fits_and_initialises_the_rest(ssd30
     assert "initialised 12 tensors (backbone.extra.5.0.weight" in line
 
 
+def test_torchvisions_ssd300_coco_weights_start_a_fine_tune(torch_home, capsys):
+    torch.manual_seed(0)
+    coco = models.get_model(SSD300).state_dict()
+    url = torchvision.models.get_weight("SSD300_VGG16_Weights.COCO_V1").url
+    torch.save(coco, torch_home / os.path.basename(url))  # planted in the hub cache: nothing is downloaded
+    state = models.get_model(SSD512, weights="SSD300_VGG16_Weights.COCO_V1",
+                             class_names={1: "person", 2: "zebra-crossing"}).state_dict()
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("fine-tuning SSD300_VGG16_Weights.COCO_V1, weights of ssd300_vgg16, for 3 classes")
+    assert "(91 classes there)" in line and "'person'<-'person'" in line
+    assert torch.equal(state["backbone.extra.4.2.weight"], coco["backbone.extra.4.2.weight"])
+
+
 def test_ssd300_weights_never_load_as_they_are(ssd300_checkpoint):
     path, _ = ssd300_checkpoint
-    with pytest.raises(models.WeightsError, match="weights of ssd300_vgg16, which ssd512_vgg16 only starts a fine-tune"):
+    with pytest.raises(models.WeightsError, match="of ssd300_vgg16, which ssd512_vgg16 only starts a fine-tune"):
         models.get_model(SSD512, weights=path)
     with pytest.raises(models.WeightsError, match="model ssd512_vgg16 does not match weights .* ssd300_vgg16"):
         models.load_detector(path, SSD512)
@@ -175,15 +196,26 @@ def test_ssd300_weights_never_load_as_they_are(ssd300_checkpoint):
 
 @pytest.mark.slow
 def test_training_step_changes_every_map():
+    """Targets that are default boxes of every map (a square at a middle cell of each), on 256 px images (half the
+    input size), so every map has matched anchors: one SGD step moves every head and every extra block."""
     torch.manual_seed(0)
     model = models.get_model(SSD512, num_classes=5)
+    anchors = model.anchor_generator([(g, g) for g in GRID_SIZES], (512, 512))
+    counts = [g * g * b for g, b in zip(GRID_SIZES, BOXES_PER_LOCATION)]
+    middle_squares = [sum(counts[:k]) + ((g // 2) * g + g // 2) * b
+                      for k, (g, b) in enumerate(zip(GRID_SIZES, BOXES_PER_LOCATION))]
+    boxes = anchors[middle_squares] / 2
+    targets = [{"boxes": boxes, "labels": torch.arange(7) % 4 + 1},
+               {"boxes": boxes[::2], "labels": torch.ones(4, dtype=torch.int64)}]
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    images = random_images()[:2]
-    losses = sgd_step(model, images, random_targets([3, 1], [im.shape[-2:] for im in images], num_classes=5))
+    losses = sgd_step(model, random_images([(256, 256)] * 2), targets)
     assert all(torch.isfinite(loss) and loss > 0 for loss in losses.values())
+    after = dict(model.named_parameters())
     for level in range(7):
-        name = f"head.regression_head.module_list.{level}.weight"
-        assert not torch.equal(before[name], dict(model.named_parameters())[name]), name
+        for head in ("regression_head", "classification_head"):
+            name = f"head.{head}.module_list.{level}.weight"
+            assert not torch.equal(before[name], after[name]), name
+    assert not torch.equal(before["backbone.extra.5.2.weight"], after["backbone.extra.5.2.weight"])
 
 
 # ---------------------------------------------------------------------------------------------------------
