@@ -3,8 +3,10 @@
 Every row times the same work done by our code and by torchvision's reference code: A/B interleaved (the order
 alternates each repeat, so drifting machine load hits both sides alike), warm-up excluded, median of the repeats.
 Both models get the same weights. One table is printed; --json saves every figure with the machine and versions.
+SSD512, which torchvision does not have, is timed against our SSD300 instead (PEERS): its rows give its absolute
+figures in the "ours" column and SSD300's in the "torchvision" column, so the ratio is SSD512's cost against SSD300's.
 
-    python bench.py                                    # everything, both models, CPU (the long run)
+    python bench.py                                    # everything, all models, CPU (the long run)
     python bench.py --quick                            # 1-2 minute smoke run with tiny sizes
     python bench.py --device cuda --amp --channels-last --model ssdlite320_mobilenet_v3_large --rows train infer
 
@@ -15,6 +17,7 @@ import argparse
 import contextlib
 import copy
 import datetime
+import functools
 import importlib.metadata
 import io
 import json
@@ -49,10 +52,12 @@ import utils
 from models.postprocess import match_detections, postprocess_detections
 from models.transform import batch_targets
 
-MODEL_NAMES = ("ssd300_vgg16", "ssdlite320_mobilenet_v3_large")
-SHORT_NAMES = {"ssd300_vgg16": "SSD300", "ssdlite320_mobilenet_v3_large": "SSDlite"}
-# The augmentation policy of each model's published recipe.
-RECIPE_POLICIES = {"ssd300_vgg16": "ssd", "ssdlite320_mobilenet_v3_large": "ssdlite"}
+MODEL_NAMES = ("ssd300_vgg16", "ssdlite320_mobilenet_v3_large", "ssd512_vgg16")
+SHORT_NAMES = {"ssd300_vgg16": "SSD300", "ssdlite320_mobilenet_v3_large": "SSDlite", "ssd512_vgg16": "SSD512"}
+# Models torchvision does not have, each timed against one of ours instead (in the torchvision column).
+PEERS = {"ssd512_vgg16": "ssd300_vgg16"}
+# The augmentation policy of each model's published recipe (SSD512's: the paper's, mmdetection's ssd512_coco).
+RECIPE_POLICIES = {"ssd300_vgg16": "ssd", "ssdlite320_mobilenet_v3_large": "ssdlite", "ssd512_vgg16": "ssd"}
 ROW_KINDS = ("train", "infer", "postprocess", "loss", "data", "eval")
 TIME_UNITS = ("ms/batch", "s")  # lower is better; every other unit is a throughput
 
@@ -107,7 +112,7 @@ def get_args_parser():
                              "by default each side runs as its training script does: ours in train.py's memory "
                              "format for the model and device, torchvision's in the default layout")
     parser.add_argument("--model", nargs="+", choices=MODEL_NAMES, default=list(MODEL_NAMES),
-                        help="model(s) to benchmark (default: both)")
+                        help="model(s) to benchmark (default: all three; SSD512 against our SSD300)")
     parser.add_argument("--rows", nargs="+", choices=ROW_KINDS, default=list(ROW_KINDS),
                         help="which kinds of rows to run (default: all)")
     parser.add_argument("--repeats", type=cli.whole_number(1, MAX_REPEATS), default=None,
@@ -192,8 +197,9 @@ def measured_peak_gflops(device, size, dtype):
 
 
 def with_flops(row, flops_per_image, peak_gflops):
-    """Add achieved GFLOP/s (images/s x FLOPs per image) and its share of the measured peak to a throughput row."""
-    gflops = {side: row[side] * flops_per_image / 1e9 for side in ("ours", "torchvision")}
+    """Add achieved GFLOP/s (images/s x FLOPs per image, an (ours, torchvision column) pair) and its share of the
+    measured peak to a throughput row."""
+    gflops = {side: row[side] * flops / 1e9 for side, flops in zip(("ours", "torchvision"), flops_per_image)}
     return {**row, "gflops": gflops, "peak_share": {side: value / peak_gflops for side, value in gflops.items()}}
 
 
@@ -325,24 +331,44 @@ def recalibrate_batch_norm(model, images):
 
 
 def build_models(name, calibration_images, args):
-    """(ours, torchvision's, shared state_dict) with weights whose scores look like a trained model's:
-    torchvision's random init, BatchNorm statistics from real images, foreground logits spread like
-    LOGIT_SPREAD, and the background logit raised until about CANDIDATES_PER_IMAGE candidates survive per image.
-    Unlike the tests' make_realistic (fixed offsets and favoured classes, for exact threshold and NMS checks),
-    this calibrates on images so that post-processing has a trained model's amount of work to time."""
+    """(ours, torchvision's, ours' state_dict, theirs') with the same weights, whose scores look like a trained
+    model's: torchvision's random init, BatchNorm statistics from real images, and calibrate_scores. For a model of
+    PEERS: (ours, our peer model, their state_dicts), each calibrated alike."""
+    if name in PEERS:
+        ours, peer = models.get_model(name), models.get_model(PEERS[name])
+        for model in (ours, peer):
+            calibrate_scores(model, our_head_outputs(model.eval(), calibration_images)[0]["cls_logits"])
+        return ours.to(args.device), peer.to(args.device), copy.deepcopy(ours.state_dict()), \
+            copy.deepcopy(peer.state_dict())
     theirs = torchvision.models.get_model(name, weights=None, weights_backbone=None)
     recalibrate_batch_norm(theirs, calibration_images)
-    cls_logits = head_outputs(theirs, calibration_images)[0]["cls_logits"]
-    scale = LOGIT_SPREAD / cls_logits[..., 1:].std().item()
-    offset = background_offset(scale * cls_logits, theirs.score_thresh, theirs.topk_candidates)
-    for conv in final_classification_convs(theirs):
-        conv.weight.data *= scale
-        conv.bias.data *= scale
-        conv.bias.data.view(-1, cls_logits.shape[-1])[:, 0] += offset
+    calibrate_scores(theirs, head_outputs(theirs, calibration_images)[0]["cls_logits"])
     ours = models.get_model(name)
     state = copy.deepcopy(theirs.state_dict())
     ours.load_state_dict(state)
-    return ours.to(args.device), theirs.to(args.device), state
+    return ours.to(args.device), theirs.to(args.device), state, state
+
+
+def calibrate_scores(model, cls_logits):
+    """Scale the classification layers so that the foreground logits spread like LOGIT_SPREAD, and raise the
+    background logit until about CANDIDATES_PER_IMAGE candidates survive per image. Unlike the tests'
+    make_realistic (fixed offsets and favoured classes, for exact threshold and NMS checks), this calibrates on
+    images so that post-processing has a trained model's amount of work to time."""
+    scale = LOGIT_SPREAD / cls_logits[..., 1:].std().item()
+    offset = background_offset(scale * cls_logits, model.score_thresh, model.topk_candidates)
+    for conv in final_classification_convs(model):
+        conv.weight.data *= scale
+        conv.bias.data *= scale
+        conv.bias.data.view(-1, cls_logits.shape[-1])[:, 0] += offset
+
+
+@torch.no_grad()
+def our_head_outputs(model, images, targets=None):
+    """Our SSD's forward up to the heads: (head outputs, anchors, resized targets as padded [B, M] tensors)."""
+    batch, original_sizes = model.preprocess(images)
+    outputs, feature_sizes = model.network(batch)
+    anchors = model.anchor_generator(feature_sizes, model.size, outputs["cls_logits"].dtype, batch.device)
+    return outputs, anchors, None if targets is None else model._batch_targets(targets, original_sizes)
 
 
 def autocast(args):
@@ -357,19 +383,25 @@ def to_device(images, targets, device):
 class ModelPair:
     name: str
     ours: torch.nn.Module
-    theirs: torch.nn.Module
-    state: dict
+    theirs: torch.nn.Module  # torchvision's model, or our model PEERS[name]
+    ours_state: dict
+    theirs_state: dict
     device: torch.device
     channels_last: bool | None  # the --channels-last flag
 
+    @property
+    def peer(self):
+        """The name of our model in the torchvision column, or None where it holds torchvision's."""
+        return PEERS.get(self.name)
+
     def fresh(self, training=False):
-        """Both models in eval mode with the shared weights again (timed training steps change them), in the memory
-        format of the work to time: without --channels-last or --no-channels-last, ours as our scripts run it for
-        training or inference and torchvision's in the default layout, as its reference scripts run it."""
-        for model, channels_last in ((self.ours, self.ours_channels_last(training)),
-                                     (self.theirs, bool(self.channels_last))):
+        """Both models in eval mode with their weights again (timed training steps change them), in the memory
+        format of the work to time: without --channels-last or --no-channels-last, ours (and a peer) as our scripts
+        run it for training or inference and torchvision's in the default layout, as its reference scripts run it."""
+        for model, state, channels_last in ((self.ours, self.ours_state, self.ours_channels_last(training)),
+                                            (self.theirs, self.theirs_state, self.theirs_channels_last(training))):
             model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-            model.load_state_dict(self.state)
+            model.load_state_dict(state)
             model.eval()
         return [self.ours, self.theirs]
 
@@ -378,10 +410,19 @@ class ModelPair:
             return models.prefers_channels_last(self.name, self.device, training)
         return self.channels_last
 
+    def theirs_channels_last(self, training):
+        if self.channels_last is None and self.peer:
+            return models.prefers_channels_last(self.peer, self.device, training)
+        return bool(self.channels_last)
+
     def layout_note(self, training):
-        """Says when the two run in different memory formats."""
-        differs = self.ours_channels_last(training) != bool(self.channels_last)
-        return "ours channels_last, as our scripts run it here" if differs else ""
+        """Says what the torchvision column holds for a peer, and when the two run in different memory formats."""
+        notes = [f"torchvision column: our {SHORT_NAMES[self.peer]} (torchvision has no {SHORT_NAMES[self.name]})"
+                 if self.peer else ""]
+        if self.ours_channels_last(training) != self.theirs_channels_last(training):
+            notes.append("ours channels_last, as our scripts run it here" if self.ours_channels_last(training)
+                         else "theirs channels_last, as our scripts run it here")
+        return "; ".join(note for note in notes if note)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -394,9 +435,10 @@ def train_rows(short, pair, images, targets, args, sizes):
     for batch in sizes.train_batches:
         on_device = to_device(images[:batch], targets[:batch], args.device)
         steps = training_steps(pair, on_device, args)
-        if flops_per_image is None:  # the same architecture on both sides: counted once, on the smallest batch
-            forward_flops = count_flops(lambda: pair.ours(*on_device))
-            flops_per_image = (1 + BACKWARD_FLOPS_PER_FORWARD) * forward_flops / batch
+        if flops_per_image is None:  # counted once, on the smallest batch
+            flops_per_image = sides_flops_per_image(pair, [lambda model=model: model(*on_device) for model in
+                                                           (pair.ours, pair.theirs)], batch,
+                                                    1 + BACKWARD_FLOPS_PER_FORWARD)
         seconds, _ = time_interleaved(steps, sizes, args.device)
         row = throughput_row(f"{short} training step, batch {batch}", batch, seconds, "img/s",
                              pair.layout_note(training=True))
@@ -406,15 +448,17 @@ def train_rows(short, pair, images, targets, args, sizes):
         on_device = to_device(images[:batch], targets[:batch], args.device)
         row = compiled_row(f"{short} training step, batch {batch}", batch, pair, training=True, sizes=sizes,
                            make_call=lambda model: train_step_fn(model, our_optimizer(model), *on_device, args))
-        rows.append(with_flops(row, flops_per_image, args.peak_gflops))
+        rows.append(with_flops(row, (flops_per_image[0],) * 2,  # ours on both sides
+                               args.peak_gflops))
     return rows
 
 
 def training_steps(pair, on_device, args):
     """[ours, torchvision's] training step on the same fresh weights, each with the optimizer its scripts build."""
     ours, theirs = pair.fresh(training=True)
+    their_optimizer = our_optimizer(theirs) if pair.peer else torchvision_optimizer(theirs)
     return [train_step_fn(ours, our_optimizer(ours), *on_device, args),
-            train_step_fn(theirs, torchvision_optimizer(theirs), *on_device, args)]
+            train_step_fn(theirs, their_optimizer, *on_device, args)]
 
 
 def our_optimizer(model):
@@ -449,7 +493,7 @@ def infer_rows(short, pair, images, args, sizes):
         batch_images = [image.to(args.device) for image in images[:batch]]
         calls = [inference_fn(model, batch_images, args) for model in pair.fresh()]
         if flops_per_image is None:
-            flops_per_image = count_flops(calls[0]) / batch
+            flops_per_image = sides_flops_per_image(pair, calls, batch)
         seconds, _ = time_interleaved(calls, sizes, args.device)
         row = throughput_row(f"{short} inference end to end, batch {batch}", batch, seconds, "img/s",
                              pair.layout_note(training=False))
@@ -459,8 +503,16 @@ def infer_rows(short, pair, images, args, sizes):
         batch_images = [image.to(args.device) for image in images[:batch]]
         row = compiled_row(f"{short} inference end to end, batch {batch}", batch, pair, training=False, sizes=sizes,
                            make_call=lambda model: inference_fn(model, batch_images, args))
-        rows.append(with_flops(row, flops_per_image, args.peak_gflops))
+        rows.append(with_flops(row, (flops_per_image[0],) * 2,  # ours on both sides
+                               args.peak_gflops))
     return rows
+
+
+def sides_flops_per_image(pair, calls, batch, factor=1):
+    """(ours, theirs): factor x the FLOPs per image of calls [ours, theirs] on a batch, counted on ours alone where
+    both sides run the same architecture."""
+    ours = factor * count_flops(calls[0]) / batch
+    return ours, (factor * count_flops(calls[1]) / batch if pair.peer else ours)
 
 
 def compiled_row(name, batch, pair, training, sizes, make_call):
@@ -504,6 +556,21 @@ def postprocess_rows(short, pair, images, args, sizes):
                      note=note)]
 
 
+def peer_postprocess_rows(short, pair, images, args, sizes):
+    """Post-processing of a model of PEERS against its peer's, both ours, each on its own head outputs."""
+    batch_images = [image.to(args.device) for image in images[:sizes.postprocess_batch]]
+    calls, candidates = [], []
+    for model in pair.fresh():
+        outputs, anchors, _ = our_head_outputs(model, batch_images)
+        candidates.append(candidates_per_image(outputs["cls_logits"], model.score_thresh, model.topk_candidates))
+        calls.append(functools.partial(our_postprocess, model, outputs, anchors))
+    with torch.inference_mode():
+        seconds, _ = time_interleaved(calls, sizes, args.device)
+    note = f"{pair.layout_note(training=False)}; {candidates[0]:.0f} / {candidates[1]:.0f} candidates/image"
+    return [make_row(f"{short} post-processing, batch {sizes.postprocess_batch}", 1000 * seconds[0],
+                     1000 * seconds[1], "ms/batch", note=note)]
+
+
 def our_postprocess(model, outputs, anchors):
     boxes, scores, labels, valid = postprocess_detections(
         outputs["bbox_regression"], outputs["cls_logits"], anchors, model.size,
@@ -537,6 +604,20 @@ def loss_rows(short, pair, images, targets, args, sizes):
     difference = max(abs(losses[0][k].item() / losses[1][k].item() - 1) for k in losses[1])
     note = "same losses" if difference < 1e-4 else f"WARNING: losses differ by {difference:.1e} relative"
     return [make_row(f"{short} loss, batch {batch}", 1000 * seconds[0], 1000 * seconds[1], "ms/batch", note=note)]
+
+
+def peer_loss_rows(short, pair, images, targets, args, sizes):
+    """The loss of a model of PEERS against its peer's, both ours, each from its own head outputs (no backward)."""
+    on_device = to_device(images[:sizes.loss_batch], targets[:sizes.loss_batch], args.device)
+    calls = []
+    for model in pair.fresh():
+        outputs, anchors, resized_targets = our_head_outputs(model, *on_device)
+        # As in training, the head outputs require grad, so the loss records its autograd graph.
+        outputs = {k: v.requires_grad_() for k, v in outputs.items()}
+        calls.append(functools.partial(model.compute_loss, outputs, anchors, *resized_targets))
+    seconds, _ = time_interleaved(calls, sizes, args.device)
+    return [make_row(f"{short} loss, batch {sizes.loss_batch}", 1000 * seconds[0], 1000 * seconds[1], "ms/batch",
+                     note=pair.layout_note(training=False))]
 
 
 def torchvision_matches(model, targets, anchors):
@@ -886,18 +967,20 @@ def model_and_data_rows(root, args, sizes):
         row_makers = {  # inference and post-processing need no targets
             "train": lambda: train_rows(short, pair, images, targets, args, sizes),
             "infer": lambda: infer_rows(short, pair, images, args, sizes),
-            "postprocess": lambda: postprocess_rows(short, pair, images, args, sizes),
-            "loss": lambda: loss_rows(short, pair, images, targets, args, sizes),
+            "postprocess": lambda: (peer_postprocess_rows if pair.peer else postprocess_rows)(
+                short, pair, images, args, sizes),
+            "loss": lambda: (peer_loss_rows if pair.peer else loss_rows)(short, pair, images, targets, args, sizes),
         }
         for kind in model_kinds:
             log(f"{short}: {kind}")
             rows += row_makers[kind]()
-        if args.profile:
+        if args.profile and not pair.peer:  # profiles compare against torchvision's code
             log(f"{short}: profiling")
             profiles += profile_reports(short, pair, images, targets, args, sizes)
-    for name in args.model if "data" in args.rows else []:
-        log(f"data loading, {RECIPE_POLICIES[name]} policy")
-        rows += data_rows(root, RECIPE_POLICIES[name], sizes, args.device)
+    # SSD512 reads its data as SSD300 does (the network resizes): each policy once.
+    for policy in dict.fromkeys(RECIPE_POLICIES[name] for name in args.model) if "data" in args.rows else []:
+        log(f"data loading, {policy} policy")
+        rows += data_rows(root, policy, sizes, args.device)
     return rows, profiles
 
 

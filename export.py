@@ -3,8 +3,8 @@
     python export.py --weights output/model_9.pth --output ssdlite.onnx --check photos/a.jpg photos/b.jpg
 
 The graph takes a float image batch [B, 3, H, W] in [0, 1], already resized to the model's input size (H, W)
-(300x300 for SSD300, 320x320 for SSDlite); normalisation, the network, box decoding, score thresholding, per-class
-top-k and NMS all run inside it. Outputs (K = the model's detections_per_img):
+(300x300 for SSD300, 512x512 for SSD512, 320x320 for SSDlite); normalisation, the network, box decoding, score
+thresholding, per-class top-k and NMS all run inside it. Outputs (K = the model's detections_per_img):
     boxes  [B, K, 4] float32  XYXY in pixels of the H x W input
     scores [B, K]    float32  in descending order; padding slots are 0
     labels [B, K]    int64    padding slots are 0 (the background label)

@@ -133,7 +133,7 @@ def check_resume_flags(args, saved):
     saved_model = saved.get("model")
     if saved_model is not None and saved_model != args.model:
         raise ConfigError(f"--resume {args.resume} was made with --model {saved_model}, not --model {args.model}")
-    for flag, name in (("--opt", "opt"), ("--lr-scheduler", "lr_scheduler")):
+    for flag, name in (("--opt", "opt"), ("--lr-scheduler", "lr_scheduler"), ("--default-boxes", "default_boxes")):
         if name in saved and saved[name] != getattr(args, name):
             raise ConfigError(f"--resume {args.resume} was trained with {flag} {saved[name]}, not {flag} "
                               f"{getattr(args, name)}: resume with {flag} {saved[name]}, or start a new run with "

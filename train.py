@@ -121,6 +121,9 @@ def get_args_parser(add_help=True):
                             f"{models.TRAINABLE_LAYERS['ssd300_vgg16']}, SSDlite "
                             f"{models.TRAINABLE_LAYERS['ssdlite320_mobilenet_v3_large']} (default: torchvision's, "
                             "4 and 6; without pretrained weights everything trains)")
+    model.add_argument("--default-boxes", default=None, choices=["coco", "voc"],
+                       help="ssd512_vgg16: the default box sizes of the paper's Caffe COCO model (the default) or "
+                            "of its VOC model (see docs/ssd512.md)")
     model.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (SSDlite)")
     model.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                        help="channels_last memory format for the convolutions (default: where measured faster: "
@@ -202,6 +205,8 @@ def get_args_parser(add_help=True):
 def validate_args(args):
     """Reject flag combinations that cannot work, before anything is loaded or written (each flag's own range is
     checked by its argparse type). Runs before fill_in_implied_flags, so that defaults are told from given values."""
+    if args.default_boxes is not None and args.model != "ssd512_vgg16":
+        raise ConfigError(f"--default-boxes is an option of --model ssd512_vgg16, not of --model {args.model}")
     min_batch_size = MIN_TRAIN_BATCH_SIZE.get(args.model, 1)
     if not (args.test_only or args.format_only) and args.batch_size < min_batch_size:
         raise ConfigError(f"--model {args.model} cannot train with --batch-size {args.batch_size}: its BatchNorm "
@@ -421,6 +426,8 @@ def build_model(args, num_classes, class_names, device, resume_checkpoint):
     kwargs = {}
     if args.trainable_backbone_layers is not None:
         kwargs["trainable_backbone_layers"] = args.trainable_backbone_layers
+    if args.default_boxes is not None:
+        kwargs["default_boxes"] = args.default_boxes
     if args.weights and not args.test_only:
         # Training may adapt weights made for other classes; evaluating them as they are may not.
         kwargs["class_names"] = class_names

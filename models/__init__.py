@@ -1,31 +1,36 @@
 """SSD300 VGG16 and SSDlite320 MobileNetV3-Large, behaving exactly as torchvision's builders of the same
-names (same state_dict, losses and detections), without depending on torchvision's detection code."""
+names (same state_dict, losses and detections), without depending on torchvision's detection code, and SSD512
+VGG16, the SSD paper's model that torchvision does not have, built from the same parts."""
 import torch
 
 from .compile import CompileError, compile_network
 from . import ssd, ssdlite
 from .ssd import SSD, ssd300_vgg16
+from .ssd512 import ssd512_vgg16
 from .ssdlite import ssdlite320_mobilenet_v3_large
 from .weights import WeightsError, class_names, load_checkpoint_file, load_model_state, read_weights_metadata
 
 _BUILDERS = {
     "ssd300_vgg16": ssd300_vgg16,
+    "ssd512_vgg16": ssd512_vgg16,
     "ssdlite320_mobilenet_v3_large": ssdlite320_mobilenet_v3_large,
 }
 # The most backbone stages trainable_backbone_layers can name, per model.
-TRAINABLE_LAYERS = {"ssd300_vgg16": ssd.TRAINABLE_LAYERS, "ssdlite320_mobilenet_v3_large": ssdlite.TRAINABLE_LAYERS}
+TRAINABLE_LAYERS = {"ssd300_vgg16": ssd.TRAINABLE_LAYERS, "ssd512_vgg16": ssd.TRAINABLE_LAYERS,  # one VGG16 trunk
+                    "ssdlite320_mobilenet_v3_large": ssdlite.TRAINABLE_LAYERS}
 
 # Where channels_last was measured faster than the default layout, A/B on the models as our scripts run them (the
 # figures, machines and dates are in docs/performance.md, "Memory format"): on CPU, inference of both models and an
 # SSDlite training step; an SSD300 training step only where the CPU has AVX-512 (oneDNN's NHWC kernels for its dense
-# 3x3 backward are slower than the default layout's with AVX2 alone); on CUDA, SSD300 only.
+# 3x3 backward are slower than the default layout's with AVX2 alone); on CUDA, SSD300 only. SSD512 follows SSD300's
+# rule, unmeasured: the same VGG16 convolutions on larger maps.
 _CHANNELS_LAST = {  # (device kind, training) -> model names
     ("cpu", True): {"ssdlite320_mobilenet_v3_large"},
-    ("cpu", False): {"ssd300_vgg16", "ssdlite320_mobilenet_v3_large"},
-    ("cpu-avx512", True): {"ssd300_vgg16", "ssdlite320_mobilenet_v3_large"},
-    ("cpu-avx512", False): {"ssd300_vgg16", "ssdlite320_mobilenet_v3_large"},
-    ("cuda", True): {"ssd300_vgg16"},
-    ("cuda", False): {"ssd300_vgg16"},
+    ("cpu", False): {"ssd300_vgg16", "ssd512_vgg16", "ssdlite320_mobilenet_v3_large"},
+    ("cpu-avx512", True): {"ssd300_vgg16", "ssd512_vgg16", "ssdlite320_mobilenet_v3_large"},
+    ("cpu-avx512", False): {"ssd300_vgg16", "ssd512_vgg16", "ssdlite320_mobilenet_v3_large"},
+    ("cuda", True): {"ssd300_vgg16", "ssd512_vgg16"},
+    ("cuda", False): {"ssd300_vgg16", "ssd512_vgg16"},
 }
 
 __all__ = [
@@ -64,9 +69,10 @@ def get_model(name: str, *, weights=None, weights_backbone=None, num_classes=Non
 
 def load_detector(weights, model_name=None) -> tuple[SSD, str, dict[int, str]]:
     """(model in eval mode, model name, {label: class name}) from a checkpoint file or a torchvision weights name,
-    loaded strictly. model_name may be None where the weights say which model they belong to (our checkpoints and
-    torchvision's names do); given, it must agree with them."""
-    saved_model_name, names = read_weights_metadata(weights)
+    loaded strictly and built with the options the checkpoint records (SSD512's default_boxes). model_name may be
+    None where the weights say which model they belong to (our checkpoints and torchvision's names do); given, it
+    must agree with them."""
+    saved_model_name, names, options = read_weights_metadata(weights)
     if model_name is None:
         if saved_model_name is None:
             raise WeightsError(f"{weights} does not say which model it belongs to: name the model (--model)")
@@ -75,7 +81,7 @@ def load_detector(weights, model_name=None) -> tuple[SSD, str, dict[int, str]]:
         raise WeightsError(f"unknown model '{model_name}'; valid names: {', '.join(_BUILDERS)}")
     elif saved_model_name is not None and saved_model_name != model_name:
         raise WeightsError(f"model {model_name} does not match weights {weights}, which belong to {saved_model_name}")
-    return get_model(model_name, weights=weights).eval(), model_name, names
+    return get_model(model_name, weights=weights, **options).eval(), model_name, names
 
 
 def prefers_channels_last(name: str, device, training: bool) -> bool:

@@ -1,8 +1,9 @@
-"""SSD (Liu et al., 2016): the meta-architecture, its heads, and SSD300 with a VGG16 backbone.
+"""SSD (Liu et al., 2016): the meta-architecture, its heads, the VGG16 trunk SSD300 and SSD512 share, and SSD300.
 
 Behaves like torchvision's SSD / ssd300_vgg16 (same state_dict, same losses and detections).
 """
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +18,6 @@ from .transform import (
 )
 from .builders import check_options, freeze_stages, load_planned_weights, plan_weights, resolve_trainable_layers
 from .weights import load_model_state, load_weights
-
 
 
 class SSD(nn.Module):
@@ -273,40 +273,39 @@ def vgg16_features() -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def _downsample_block(in_channels: int, mid_channels: int, out_channels: int, **conv_args) -> nn.Sequential:
-    return nn.Sequential(
+def extra_block(in_channels: int, mid_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
+                padding: int = 0) -> nn.Sequential:
+    """One of SSD's extra feature layers after fc7: a 1x1 bottleneck, then the convolution that shrinks the map."""
+    return xavier_init(nn.Sequential(
         nn.Conv2d(in_channels, mid_channels, kernel_size=1),
         nn.ReLU(inplace=True),
-        nn.Conv2d(mid_channels, out_channels, kernel_size=3, **conv_args),
+        nn.Conv2d(mid_channels, out_channels, kernel_size=kernel_size, stride=stride, padding=padding),
         nn.ReLU(inplace=True),
-    )
+    ))
 
 
 class VGG16Extractor(nn.Module):
-    """The six SSD300 feature maps (38, 19, 10, 5, 3, 1 cells for a 300 x 300 input; channels 512, 1024,
-    512, 256, 256, 256) from VGG16 conv4_3 (L2-normalised with a learned per-channel scale), fc7 (as
-    dilated convolutions) and four extra blocks."""
+    """SSD's feature maps from VGG16: conv4_3 (L2-normalised with a learned per-channel scale), fc7 (as dilated
+    convolutions) and the maps of the blocks make_extra_blocks() builds, each fed the previous one. SSD300's
+    (ssd300_extra_blocks) give 38, 19, 10, 5, 3, 1 cells for a 300 x 300 input, channels 512, 1024, 512, 256, 256,
+    256."""
 
-    def __init__(self, vgg_features: nn.Sequential):
+    def __init__(self, vgg_features: nn.Sequential, make_extra_blocks):
         super().__init__()
         # Ceil mode in pool3 gives 38 x 38 conv4_3 maps for a 300 px input (floor would give 37), as in the paper.
         vgg_features[16].ceil_mode = True
         self.scale_weight = nn.Parameter(torch.full((512,), 20.0))
         self.features = vgg_features[:23]  # conv1_1 ... conv4_3 + ReLU
         fc = xavier_init(nn.Sequential(
-            nn.MaxPool2d(kernel_size=3, stride=1, padding=1),  # pool5, stride 1 to keep 19 x 19
+            nn.MaxPool2d(kernel_size=3, stride=1, padding=1),  # pool5, stride 1 to keep conv5's map size
             nn.Conv2d(512, 1024, kernel_size=3, padding=6, dilation=6),  # fc6, atrous
             nn.ReLU(inplace=True),
             nn.Conv2d(1024, 1024, kernel_size=1),  # fc7
             nn.ReLU(inplace=True),
         ))
-        self.extra = nn.ModuleList([
-            nn.Sequential(*vgg_features[23:-1], fc),  # pool4, conv5_x (pool5 replaced), fc6, fc7
-            xavier_init(_downsample_block(1024, 256, 512, padding=1, stride=2)),  # conv8_2
-            xavier_init(_downsample_block(512, 128, 256, padding=1, stride=2)),  # conv9_2
-            xavier_init(_downsample_block(256, 128, 256)),  # conv10_2
-            xavier_init(_downsample_block(256, 128, 256)),  # conv11_2
-        ])
+        # pool4, conv5_x (pool5 replaced), fc6, fc7, then the extra blocks (built after fc: a seed gives the
+        # weights torchvision's builder draws).
+        self.extra = nn.ModuleList([nn.Sequential(*vgg_features[23:-1], fc), *make_extra_blocks()])
 
     def forward(self, x: Tensor) -> list[Tensor]:
         x = self.features(x)
@@ -315,6 +314,16 @@ class VGG16Extractor(nn.Module):
             x = block(x)
             outputs.append(x)
         return outputs
+
+
+def ssd300_extra_blocks() -> list[nn.Module]:
+    """conv8_2 ... conv11_2 of the paper's SSD300: 19 -> 10 -> 5 -> 3 -> 1 cells."""
+    return [
+        extra_block(1024, 256, 512, stride=2, padding=1),  # conv8_2
+        extra_block(512, 128, 256, stride=2, padding=1),  # conv9_2
+        extra_block(256, 128, 256),  # conv10_2
+        extra_block(256, 128, 256),  # conv11_2
+    ]
 
 
 def ssd300_vgg16(
@@ -329,34 +338,54 @@ def ssd300_vgg16(
     options: see models.builders.SSD_OPTIONS.
     """
     check_options("ssd300_vgg16", options)
-    aspect_ratios = [[2], [2, 3], [2, 3], [2, 3], [2], [2]]
     anchor_generator = DefaultBoxes(
-        aspect_ratios, scales=[0.07, 0.15, 0.33, 0.51, 0.69, 0.87, 1.05], steps=[8, 16, 32, 64, 100, 300]
+        [[2], [2, 3], [2, 3], [2, 3], [2], [2]], scales=[0.07, 0.15, 0.33, 0.51, 0.69, 0.87, 1.05],
+        steps=[8, 16, 32, 64, 100, 300],
     )
+    return build_vgg16_ssd(
+        "ssd300_vgg16", (300, 300), anchor_generator, ssd300_extra_blocks,
+        WeightsRequest(weights, weights_backbone, num_classes, trainable_backbone_layers, class_names), options,
+    )
+
+
+class WeightsRequest(NamedTuple):
+    """The weights arguments every builder takes."""
+    weights: object
+    weights_backbone: object
+    num_classes: int | None
+    trainable_backbone_layers: int | None
+    class_names: dict | None
+
+
+def build_vgg16_ssd(model_name: str, size: tuple[int, int], anchor_generator: DefaultBoxes,
+                    make_extra_blocks, request: WeightsRequest, options: dict,
+                    donors: tuple[str, ...] = ()) -> SSD:
+    """An SSD on VGG16 (SSD300 or SSD512): the trunk, make_extra_blocks() after fc7, 3x3 heads, Caffe-style input,
+    with request's weights loaded (donors: see models.builders.plan_weights)."""
     num_anchors = anchor_generator.num_anchors_per_location()
     plan = plan_weights(
-        weights, "ssd300_vgg16", num_classes, class_names, "head.classification_head.module_list.0.weight",
-        num_anchors[0],
+        request.weights, model_name, request.num_classes, request.class_names,
+        "head.classification_head.module_list.0.weight", num_anchors[0], donors,
     )
-    if plan.weights is not None:
-        weights_backbone = None
-    trainable_layers = resolve_trainable_layers(
-        plan.weights is not None or weights_backbone is not None, trainable_backbone_layers, TRAINABLE_LAYERS, 4
-    )
+    weights_backbone = None if plan.weights is not None else request.weights_backbone
+    pretrained = plan.weights is not None or weights_backbone is not None
+    trainable_layers = resolve_trainable_layers(pretrained, request.trainable_backbone_layers, TRAINABLE_LAYERS, 4)
 
     vgg = vgg16_features()
     if weights_backbone is not None:
-        vgg_state, vgg_source = load_weights(weights_backbone, "vgg16")[:2]
+        vgg_state, vgg_source = load_weights(weights_backbone, ("vgg16",))[:2]
         # VGG16 checkpoints hold the whole classifier network; SSD only uses its convolutions.
         features = {key[len("features."):]: value for key, value in vgg_state.items() if key.startswith("features.")}
         load_model_state(vgg, features, f"{vgg_source} (features.*)")
     freeze_stages(vgg, VGG16_STAGE_STARTS, trainable_layers)
 
+    extractor = VGG16Extractor(vgg, make_extra_blocks)
     model = SSD(
-        VGG16Extractor(vgg),
-        SSDHead([512, 1024, 512, 256, 256, 256], num_anchors, plan.num_classes),
+        extractor,
+        SSDHead([512, 1024] + [block[-2].out_channels for block in extractor.extra[1:]], num_anchors,
+                plan.num_classes),
         anchor_generator,
-        size=(300, 300),
+        size=size,
         num_classes=plan.num_classes,
         **{
             # Caffe-style input: 0-255 RGB minus the ImageNet mean, as the VGG16 features were trained with.

@@ -112,7 +112,7 @@ def ssdlite320_mobilenet_v3_large(
         reduced_tail = plan.weights.state_dict[C4_PROJECTION_KEY].shape[0] == 80
     backbone = mobilenet_v3_large(weights=None, norm_layer=BatchNorm, reduced_tail=reduced_tail)
     if weights_backbone is not None:
-        load_model_state(backbone, *load_weights(weights_backbone, "mobilenet_v3_large")[:2])
+        load_model_state(backbone, *load_weights(weights_backbone, ("mobilenet_v3_large",))[:2])
     else:
         normal_init(backbone)
     features = backbone.features

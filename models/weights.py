@@ -1,9 +1,9 @@
 """Loading weights: torchvision weights names (through its download cache) or local checkpoint files.
 
 Every file is read with torch.load(weights_only=True), and every state_dict is loaded strictly, with one
-error that lists what does not match. The one exception is fine-tuning for other classes
-(load_for_new_classes): there only the classification layers may differ, and the rows of classes whose
-names match are carried over.
+error that lists what does not match. The exceptions are fine-tunes: for other classes (load_for_new_classes),
+only the classification layers may differ, and the rows of classes whose names match are carried over; from
+another model (load_from_other_model, SSD300's weights for SSD512), what fits is copied and the rest initialised.
 """
 import argparse
 import os
@@ -26,6 +26,7 @@ class Weights(NamedTuple):
     source: str  # where they came from, for messages
     num_classes: int | None  # classes (background included) of torchvision weights, from their metadata
     class_names: dict[int, str] | None  # {label: name} the weights were trained for; None when not recorded
+    model_name: str | None  # the model they were made for, where recorded (our checkpoints, torchvision's names)
 
 
 def class_names(categories) -> dict[int, str]:
@@ -70,10 +71,11 @@ def load_checkpoint_file(path) -> dict:
     return checkpoint
 
 
-def load_weights(spec, torchvision_model: str, num_classes: int | None = None) -> Weights:
-    """Read the weights named by spec: one of torchvision's weights for the model named torchvision_model
+def load_weights(spec, torchvision_models: tuple[str, ...], num_classes: int | None = None) -> Weights:
+    """Read the weights named by spec: one of torchvision's weights for one of the models named torchvision_models
     (the enum member or its name, e.g. "SSD300_VGG16_Weights.COCO_V1"), or the path of a state_dict or of a
-    training checkpoint holding one under "model" (and its class names under "categories").
+    training checkpoint holding one under "model" (and its class names under "categories", its model under
+    "args").
 
     torchvision weights made for other than num_classes categories (if given) are refused before download.
     """
@@ -81,11 +83,11 @@ def load_weights(spec, torchvision_model: str, num_classes: int | None = None) -
         checkpoint = load_checkpoint_file(spec)
         source = f"weights file '{os.fspath(spec)}'"
         if not isinstance(checkpoint.get("model"), dict):  # a plain state_dict
-            return Weights(checkpoint, source, None, None)
+            return Weights(checkpoint, source, None, None, None)
         names = class_names(checkpoint["categories"]) if checkpoint.get("categories") else None
-        return Weights(checkpoint["model"], source, None, names)
+        return Weights(checkpoint["model"], source, None, names, (checkpoint.get("args") or {}).get("model"))
 
-    weights = _torchvision_weights(spec, torchvision_model)
+    weights = _torchvision_weights(spec, torchvision_models)
     categories = weights.meta.get("categories")
     num_categories = len(categories) if categories else None
     if num_classes not in (None, num_categories):
@@ -100,43 +102,59 @@ def load_weights(spec, torchvision_model: str, num_classes: int | None = None) -
     # The list is indexed by label; label 0 ("__background__") is not a class name.
     names = {label: name for label, name in enumerate(categories)} if categories else {}
     names.pop(0, None)
-    return Weights(state_dict, str(weights), num_categories, names or None)
+    return Weights(state_dict, str(weights), num_categories, names or None, _builder_name(weights))
 
 
-def read_weights_metadata(spec) -> tuple[str | None, dict[int, str]]:
-    """(model name or None, {label: class name}) recorded with weights `spec`, a checkpoint file or one of
-    torchvision's weights names, read without building a model. A plain state_dict records neither."""
+# Builder options that shape a model outside its state_dict, as train.py records them in a checkpoint's "args".
+SAVED_BUILDER_OPTIONS = ("default_boxes",)
+
+
+def read_weights_metadata(spec) -> tuple[str | None, dict[int, str], dict]:
+    """(model name or None, {label: class name}, {builder option: value}) recorded with weights `spec`, a
+    checkpoint file or one of torchvision's weights names, read without building a model. A plain state_dict
+    records none of them; the options are those of SAVED_BUILDER_OPTIONS the checkpoint's args set."""
     if isinstance(spec, os.PathLike) or _looks_like_path(spec):
         checkpoint = load_checkpoint_file(spec)
         if not isinstance(checkpoint.get("model"), dict):
-            return None, {}
-        return (checkpoint.get("args") or {}).get("model"), class_names(checkpoint.get("categories"))
+            return None, {}, {}
+        args = checkpoint.get("args") or {}
+        options = {name: args[name] for name in SAVED_BUILDER_OPTIONS if args.get(name) is not None}
+        return args.get("model"), class_names(checkpoint.get("categories")), options
     try:
         weights = torchvision.models.get_weight(spec)
     except (ValueError, KeyError):
         raise WeightsError(f"weights '{spec}' are neither an existing file nor a torchvision weights name") from None
+    return _builder_name(weights), dict(enumerate(weights.meta.get("categories") or [])), {}
+
+
+def _builder_name(weights: torchvision.models.WeightsEnum) -> str:
     # SSD300_VGG16_Weights -> ssd300_vgg16: torchvision names the enum after its builder.
-    model_name = type(weights).__name__.lower().removesuffix("_weights")
-    return model_name, dict(enumerate(weights.meta.get("categories") or []))
+    return type(weights).__name__.lower().removesuffix("_weights")
 
 
 def _looks_like_path(spec: str) -> bool:
     return os.path.exists(spec) or os.sep in spec or spec.endswith((".pth", ".pt"))
 
 
-def _torchvision_weights(spec, torchvision_model: str) -> torchvision.models.WeightsEnum:
-    enum = torchvision.models.get_model_weights(torchvision_model)
-    if isinstance(spec, enum):
+def _torchvision_weights(spec, torchvision_models: tuple[str, ...]) -> torchvision.models.WeightsEnum:
+    published = set(torchvision.models.list_models())
+    enums = tuple(torchvision.models.get_model_weights(name) for name in torchvision_models if name in published)
+    if isinstance(spec, enums):
         return spec
     if isinstance(spec, str):
         try:
             weights = torchvision.models.get_weight(spec)
         except (ValueError, KeyError):
             weights = None
-        if isinstance(weights, enum):
+        if isinstance(weights, enums):
             return weights
-    valid = ", ".join(f"{enum.__name__}.{member}" for member in enum.__members__)
-    raise WeightsError(f"weights '{spec}' are neither an existing file nor one of {valid}")
+    valid = ", ".join(f"{enum.__name__}.{member}" for enum in enums for member in enum.__members__)
+    unpublished = [name for name in torchvision_models if name not in published]
+    note = f"torchvision publishes no {' or '.join(unpublished)} weights" if unpublished else ""
+    if not valid:
+        raise WeightsError(f"weights '{spec}' are not an existing file, and {note}")
+    raise WeightsError(f"weights '{spec}' are neither an existing file nor one of {valid}"
+                       + (f" ({note})" if note else ""))
 
 
 def load_model_state(module: nn.Module, state_dict: dict, source: str) -> None:
@@ -215,16 +233,76 @@ def load_for_new_classes(model: nn.Module, weights: Weights, new_names: dict[int
     not fit (weights of another model) is a WeightsError. Returns a one-line summary of what was done.
     """
     layers = classifier_layers(model)
-    class_keys = frozenset(f"{prefix}.{kind}" for prefix in layers for kind in ("weight", "bias"))
+    class_keys = _tensor_keys(layers)
     problems = _fit_problems(model.state_dict(), weights.state_dict, any_rows=class_keys)
     if problems:
         raise WeightsError(f"{weights.source} does not fit {type(model).__name__} outside its classification "
                            f"layers (weights of another model?): {problems}")
     old_classes = _classes_of(weights, layers, model.num_classes)
     model.load_state_dict({k: v for k, v in weights.state_dict.items() if k not in class_keys}, strict=False)
+    matches = _matched_labels(new_names, weights, old_classes)
+    _copy_class_rows(model, weights, layers, old_classes, matches)
+    return (f"fine-tuning {weights.source} ({old_classes} classes) for {model.num_classes} classes: "
+            f"kept {len(model.state_dict()) - len(class_keys)} of {len(model.state_dict())} tensors whole; "
+            f"re-initialised the {len(class_keys)} classification tensors and copied into them "
+            f"{_class_rows_text(new_names, matches, weights)}")
 
+
+def load_from_other_model(model: nn.Module, weights: Weights, new_names: dict[int, str] | None) -> str:
+    """Load the weights of another SSD (SSD300's into SSD512, whose trunk, first extra layers and most heads
+    have the same names and shapes) into `model`, built and initialised for model.num_classes classes named
+    new_names (None: the weights' own classes).
+
+    Every tensor whose name and shape fit loads; the rest keeps the model's initialisation. The classification
+    layers of the maps with as many default boxes per location in both models get the rows of the background and
+    of the classes matched by name, as in load_for_new_classes (every row where the classes are the same). Returns
+    a one-line summary of what was copied and what was initialised."""
+    state = model.state_dict()
+    layers = classifier_layers(model)
+    class_keys = _tensor_keys(layers)
+    fitting = [key for key, value in weights.state_dict.items() if key in state and key not in class_keys
+               and isinstance(value, torch.Tensor) and value.shape == state[key].shape]
+    model.load_state_dict({key: weights.state_dict[key] for key in fitting}, strict=False)
+    same_boxes = {prefix: layer for prefix, layer in layers.items()
+                  if _boxes_per_location(weights, prefix) == layer.out_channels // model.num_classes}
+    copied = set(fitting) | _tensor_keys(same_boxes)
+    initialised = [key for key in state if key not in copied]
+    summary = (f"fine-tuning {weights.source}, weights of {weights.model_name}, for {model.num_classes} classes: "
+               f"copied the {len(fitting)} of {len(state)} tensors whose names and shapes fit")
+    if same_boxes:
+        old_classes = _classes_of(weights, same_boxes, model.num_classes)
+        matches = (_matched_labels(new_names, weights, old_classes) if new_names is not None
+                   else {label: label for label in range(model.num_classes)})
+        _copy_class_rows(model, weights, same_boxes, old_classes, matches)
+        rows = (_class_rows_text(new_names, matches, weights) if new_names is not None
+                else f"the rows of all {model.num_classes} classes")
+        summary += f", and into the {len(same_boxes) * 2} classification tensors of maps with as many default " \
+                   f"boxes per location ({old_classes} classes there) {rows}"
+    return f"{summary}; initialised {_summary('tensors', initialised, shown=4) or 'no tensor'}"
+
+
+def _tensor_keys(layers: dict[str, nn.Conv2d]) -> frozenset:
+    return frozenset(f"{prefix}.{kind}" for prefix in layers for kind in ("weight", "bias"))
+
+
+def _boxes_per_location(weights: Weights, classifier_prefix: str) -> int | None:
+    """Default boxes per location of the weights' map whose classifier is classifier_prefix, read off the
+    regression layer beside it (4 rows per box); None where the weights have no such map."""
+    keys = [f"{classifier_prefix.replace('classification_head', 'regression_head')}.weight",
+            f"{classifier_prefix}.weight", f"{classifier_prefix}.bias"]
+    if not all(isinstance(weights.state_dict.get(key), torch.Tensor) for key in keys):
+        return None
+    return weights.state_dict[keys[0]].shape[0] // 4
+
+
+def _matched_labels(new_names: dict[int, str], weights: Weights, old_classes: int) -> dict[int, int]:
     # A name table longer than the layers (a damaged checkpoint) must not index past them.
-    matches = {new: old for new, old in match_classes(new_names, weights.class_names).items() if old < old_classes}
+    return {new: old for new, old in match_classes(new_names, weights.class_names).items() if old < old_classes}
+
+
+def _copy_class_rows(model: nn.Module, weights: Weights, layers: dict[str, nn.Conv2d], old_classes: int,
+                     matches: dict[int, int]) -> None:
+    """Copy into each of layers the weights' rows (anchor a, old class) to rows (anchor a, new class) of matches."""
     new_labels, old_labels = list(matches), list(matches.values())
     with torch.no_grad():
         for prefix, layer in layers.items():
@@ -235,6 +313,9 @@ def load_for_new_classes(model: nn.Module, weights: Weights, new_names: dict[int
                 # Writes through the view into the parameter: rows (anchor a, class k) for the matched classes.
                 new.view(anchors, model.num_classes, *new.shape[1:])[:, new_labels] = old[:, old_labels].to(new.dtype)
 
+
+def _class_rows_text(new_names: dict[int, str], matches: dict[int, int], weights: Weights) -> str:
+    """'the rows of the background and of ...; ...' for a fine-tune's one-line summary."""
     copied = [f"{new_names[new]!r}<-{weights.class_names[old]!r}" for new, old in matches.items() if new]
     fresh = [repr(name) for label, name in sorted(new_names.items()) if label not in matches]
     copied_text = _summary(_plural(copied, "class matched by name", "classes matched by name"), copied, shown=8) \
@@ -243,10 +324,7 @@ def load_for_new_classes(model: nn.Module, weights: Weights, new_names: dict[int
         copied_text += " (the weights record no class names)"
     fresh_text = _summary(_plural(fresh, "class starts from scratch", "classes start from scratch"), fresh, shown=8) \
         or "no class starts from scratch"
-    return (f"fine-tuning {weights.source} ({old_classes} classes) for {model.num_classes} classes: "
-            f"kept {len(model.state_dict()) - len(class_keys)} of {len(model.state_dict())} tensors whole; "
-            f"re-initialised the {len(class_keys)} classification tensors and copied into them the rows of the "
-            f"background and of {copied_text}; {fresh_text}")
+    return f"the rows of the background and of {copied_text}; {fresh_text}"
 
 
 def _plural(items: list, singular: str, plural: str) -> str:

@@ -27,6 +27,7 @@ from models.postprocess import match_detections
 
 REPO = Path(__file__).resolve().parent.parent
 SSD300, LITE = "ssd300_vgg16", "ssdlite320_mobilenet_v3_large"
+SSD512 = "ssd512_vgg16"  # no torchvision counterpart
 TORCHVISION_BUILDERS = {SSD300: tv_ssd300_vgg16, LITE: tv_ssdlite}
 
 # ---------------------------------------------------------------------------------------------------------

@@ -120,3 +120,26 @@ def test_bad_flags_fail_in_one_line(flags, fragment):
     assert "Traceback" not in result.stderr, result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
     assert len(errors) == 1 and fragment in errors[0], result.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_ssd512_rows_give_absolute_figures_and_the_ratio_to_our_ssd300(tmp_path):
+    """torchvision has no SSD512: its rows hold our SSD300 in the torchvision column. Model rows only, one repeat:
+    SSD512's VGG16 at 512 px is heavy on 2 CPU cores."""
+    report = tmp_path / "bench.json"
+    result = run_script("bench.py", "--quick", "--model", "ssd512_vgg16", "--rows", "train", "infer", "postprocess",
+                        "loss", "--json", report, timeout=3600)
+    assert_ok(result)
+    rows = json.loads(report.read_text())["rows"]
+    assert [row["name"] for row in rows] == [
+        "SSD512 training step, batch 2", "SSD512 training step, batch 3", "SSD512 inference end to end, batch 1",
+        "SSD512 inference end to end, batch 2", "SSD512 post-processing, batch 2", "SSD512 loss, batch 2"]
+    for row in rows:
+        assert math.isfinite(row["ours"]) and row["ours"] > 0 and row["torchvision"] > 0, row
+        assert row["ratio"] == pytest.approx(row["ours"] / row["torchvision"], rel=1e-12)
+        assert "torchvision column: our SSD300 (torchvision has no SSD512)" in row["note"], row
+    # FLOPs counted on each side: SSD512's network is 200.1 GFLOP per image forward, SSD300's 69.7 (2.87x).
+    for row in rows[:4]:
+        flops = {side: row["gflops"][side] / row[side] for side in ("ours", "torchvision")}
+        assert flops["ours"] / flops["torchvision"] == pytest.approx(2.87, rel=0.02), row
+    assert re.search(r"\d+ / \d+ candidates/image", rows[4]["note"])

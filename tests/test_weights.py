@@ -9,7 +9,7 @@ import torchvision
 from torchvision.models.detection import ssdlite320_mobilenet_v3_large as tv_ssdlite
 
 import models
-from helpers import LITE, SSD300
+from helpers import LITE, SSD300, SSD512
 from models.ssd import vgg16_features
 
 
@@ -85,10 +85,11 @@ def test_mobilenet_backbone_weights_give_the_full_tail_and_torchvision_freezing(
     assert all(torch.equal(reloaded.state_dict()[k], v) for k, v in ours.state_dict().items())
 
 
-def test_vgg16_features_map_onto_the_ssd300_backbone(torch_home):
+@pytest.mark.parametrize("name", [SSD300, SSD512])  # SSD512's trunk is laid out as SSD300's
+def test_vgg16_features_map_onto_the_ssd_backbone(name, torch_home):
     features = {f"features.{k}": v for k, v in vgg16_features().state_dict().items()}
     plant(torch_home, "VGG16_Weights.IMAGENET1K_FEATURES", {**features, "classifier.0.bias": torch.zeros(4096)})
-    model = models.get_model(SSD300, weights_backbone="VGG16_Weights.IMAGENET1K_FEATURES")
+    model = models.get_model(name, weights_backbone="VGG16_Weights.IMAGENET1K_FEATURES")
     state = model.state_dict()
     for n in (0, 2, 21):
         assert torch.equal(state[f"backbone.features.{n}.weight"], features[f"features.{n}.weight"])
@@ -98,7 +99,7 @@ def test_vgg16_features_map_onto_the_ssd300_backbone(torch_home):
     frozen = sorted(n for n, p in model.named_parameters() if not p.requires_grad)
     assert frozen == ["backbone.features.0.bias", "backbone.features.0.weight",
                       "backbone.features.2.bias", "backbone.features.2.weight"]
-    all_frozen = models.get_model(SSD300, weights_backbone="VGG16_Weights.IMAGENET1K_FEATURES",
+    all_frozen = models.get_model(name, weights_backbone="VGG16_Weights.IMAGENET1K_FEATURES",
                                   trainable_backbone_layers=0)
     frozen = {n for n, p in all_frozen.named_parameters() if not p.requires_grad}
     assert len(frozen) == 26 and "backbone.extra.0.5.weight" in frozen and "backbone.extra.0.7.1.weight" not in frozen
@@ -149,9 +150,9 @@ def test_load_checkpoint_file_errors(tmp_path):
 
 
 def test_unknown_names_and_options_are_rejected():
-    with pytest.raises(ValueError, match=f"unknown model 'ssd512'; valid names: {SSD300}, {LITE}"):
+    with pytest.raises(ValueError, match=f"unknown model 'ssd512'; valid names: {SSD300}, {SSD512}, {LITE}"):
         models.get_model("ssd512")
-    assert models.list_models() == [SSD300, LITE]
+    assert models.list_models() == [SSD300, SSD512, LITE]
     with pytest.raises(ValueError, match="unknown option.*size.*valid: score_thresh"):
         models.get_model(SSD300, size=(512, 512))
     with pytest.raises(models.WeightsError, match="neither an existing file nor one of VGG16_Weights.IMAGENET1K_V1"):
