@@ -49,12 +49,13 @@ class DatasetError(ValueError):
     """Bad dataset input; the message is one line naming the file (and image id where there is one)."""
 
 
-def _shorten(text, limit=200):
+def shorten(text, limit=200):
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _read_json(path):
+def read_json(path, what="annotation file"):
+    """The content of a JSON file; an unreadable or malformed one is a one-line DatasetError naming it as `what`."""
     try:
         with open(path, "rb") as f:
             return json.load(f)
@@ -65,10 +66,10 @@ def _read_json(path):
     except RecursionError:
         raise DatasetError(f"{path}: JSON nested too deeply to read (a COCO file is a few levels deep)") from None
     except OSError as e:
-        raise DatasetError(f"{path}: cannot read annotation file: {e.strerror}") from None
+        raise DatasetError(f"{path}: cannot read {what}: {e.strerror}") from None
 
 
-def _bbox_problem(bbox):
+def bbox_problem(bbox):
     """Why bbox is not [x, y, width, height] of 4 finite numbers whose corners and area are finite, or None."""
     numbers = isinstance(bbox, list) and len(bbox) == 4 and all(
         isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox)
@@ -99,7 +100,7 @@ def _check_coco_dict(data, ann_file):
     for image in data["images"]:
         image_id = image.get("id") if isinstance(image, dict) else None
         if not isinstance(image_id, int) or image_id in image_ids:
-            raise DatasetError(f"{ann_file}: image entry {_shorten(repr(image), 80)} needs a unique integer id")
+            raise DatasetError(f"{ann_file}: image entry {shorten(repr(image), 80)} needs a unique integer id")
         if not isinstance(image.get("file_name"), str):
             raise DatasetError(f'{ann_file}: image id {image_id} has no "file_name"')
         width, height = image.get("width"), image.get("height")
@@ -112,7 +113,7 @@ def _check_coco_dict(data, ann_file):
         category_id = category.get("id") if isinstance(category, dict) else None
         if not _is_category_id(category_id) or category_id in category_ids:
             raise DatasetError(
-                f"{ann_file}: category entry {_shorten(repr(category), 80)} needs a unique integer id "
+                f"{ann_file}: category entry {shorten(repr(category), 80)} needs a unique integer id "
                 "from 0 to 2^63 - 1"
             )
         category.setdefault("name", str(category_id))
@@ -124,16 +125,16 @@ def _check_coco_dict(data, ann_file):
     for ann in data["annotations"]:
         ann_id = ann.get("id") if isinstance(ann, dict) else None
         if not isinstance(ann_id, int) or ann_id in annotation_ids:
-            raise DatasetError(f"{ann_file}: annotation {_shorten(repr(ann), 80)} needs a unique integer id")
+            raise DatasetError(f"{ann_file}: annotation {shorten(repr(ann), 80)} needs a unique integer id")
         annotation_ids.add(ann_id)
         image_id = ann.get("image_id")
         if image_id not in image_ids:
             raise DatasetError(f'{ann_file}: annotation id {ann_id} refers to image id {image_id!r}, not in "images"')
         where = f"{ann_file}: annotation id {ann_id} (image id {image_id})"
         bbox = ann.get("bbox")
-        problem = _bbox_problem(bbox)
+        problem = bbox_problem(bbox)
         if problem:
-            raise DatasetError(f"{where}: bbox {problem}, got {_shorten(repr(bbox), 80)}")
+            raise DatasetError(f"{where}: bbox {problem}, got {shorten(repr(bbox), 80)}")
         if ann.get("category_id") not in category_ids:
             raise DatasetError(f'{where}: category id {ann.get("category_id")!r} is not in "categories"')
         ann.setdefault("iscrowd", 0)
@@ -150,7 +151,7 @@ def _build_coco_api(data):
     return coco
 
 
-def _usable_boxes(coco, image_ids, label_of, ann_file):
+def usable_boxes(coco, image_ids, label_of, ann_file):
     """Box-only targets of `image_ids`, concatenated in that order: (boxes XYXY, labels, area, first, count) with
     first[i]:first[i]+count[i] the rows of image_ids[i]. Crowd annotations are dropped, boxes are clamped to the
     image and boxes left without area (zero or negative size) are dropped. `label_of` maps category ids to labels."""
@@ -199,7 +200,7 @@ def _check_image_paths(coco, ids, ann_file):
 
 def load_annotation_file(ann_file):
     """The validated pycocotools COCO object of a COCO detection file; bad input raises a one-line DatasetError."""
-    data = _read_json(ann_file)
+    data = read_json(ann_file)
     _check_coco_dict(data, ann_file)
     return _build_coco_api(data)
 
@@ -314,7 +315,7 @@ def load_rgb_image(path, image_id=None):
             return _to_rgb(image)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         which = f" id {image_id}" if image_id is not None else ""
-        raise DatasetError(f"{path}: cannot decode image{which}: {_shorten(e)}") from None
+        raise DatasetError(f"{path}: cannot decode image{which}: {shorten(e)}") from None
 
 
 class CocoDetection(torch.utils.data.Dataset):
@@ -336,8 +337,8 @@ class CocoDetection(torch.utils.data.Dataset):
         self.transforms = transforms
         # Targets live in a few flat arrays rather than per-image Python objects: cheap to build for COCO's
         # 860k boxes and not copied page by page into every forked DataLoader worker by reference counting.
-        self._boxes, self._labels, self._area, first, count = _usable_boxes(
-            self.coco, ids, _label_of(self.categories), ann_file
+        self._boxes, self._labels, self._area, first, count = usable_boxes(
+            self.coco, ids, category_labels(self.categories), ann_file
         )
         if drop_images_without_boxes:
             has_box = count > 0
@@ -376,7 +377,8 @@ class CocoDetection(torch.utils.data.Dataset):
         return image, target
 
 
-def _label_of(categories):
+def category_labels(categories):
+    """{category id: label} of a category table {label: {"id", "name"}}."""
     return {entry["id"]: label for label, entry in categories.items()}
 
 
@@ -417,8 +419,8 @@ def _get_coco_v2(img_folder, ann_file, transforms, drop_images_without_boxes, ca
     coco, ids = _load_coco(img_folder, ann_file, coco, allow_paths_outside)
     if categories is None:
         categories = build_category_table({ann_file: coco})
-    label_of = _label_of(categories)
-    count = _usable_boxes(coco, ids, label_of, ann_file)[4]
+    label_of = category_labels(categories)
+    count = usable_boxes(coco, ids, label_of, ann_file)[4]
     # No annotation file for torchvision to read: it gets the validated copy (with "area"/"iscrowd" filled in where
     # the file omits them, which pycocotools' evaluation needs) so both paths evaluate against the same ground truth.
     dataset = torchvision.datasets.CocoDetection(img_folder, None, transforms=_V2Labels(label_of, transforms))
@@ -500,7 +502,7 @@ def _voc_number(element, tag, where):
     except ValueError:
         value = math.nan
     if not math.isfinite(value):
-        raise DatasetError(f"{where}: <{tag}> must be a number, got {_shorten(repr(text), 40)}")
+        raise DatasetError(f"{where}: <{tag}> must be a number, got {shorten(repr(text), 40)}")
     return value
 
 
@@ -523,11 +525,11 @@ def _read_voc_xml(path, labels, listed_in):
         name = _voc_text(element, "name", f"{path}: object {index}")
         where = f"{path}: object {index} ({name})"
         if name not in labels:
-            raise DatasetError(f"{where}: not one of the {len(labels)} classes ({_shorten(', '.join(labels), 60)}); "
+            raise DatasetError(f"{where}: not one of the {len(labels)} classes ({shorten(', '.join(labels), 60)}); "
                                "give this dataset's class names with --voc-classes")
         difficult = (element.findtext("difficult") or "0").strip()  # absent means 0, as in the devkit
         if difficult not in ("0", "1"):
-            raise DatasetError(f"{where}: <difficult> must be 0 or 1, got {_shorten(repr(difficult), 40)}")
+            raise DatasetError(f"{where}: <difficult> must be 0 or 1, got {shorten(repr(difficult), 40)}")
         box = element.find("bndbox")
         if box is None:
             raise DatasetError(f"{where}: missing <bndbox>")
@@ -546,7 +548,7 @@ def _read_voc_list(root, year, name):
         raise DatasetError(f"{path}: image set list not found (VOC split {year}/{name}; "
                            "--train-split and --val-split choose the lists)") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise DatasetError(f"{path}: cannot read image set list: {_shorten(e)}") from None
+        raise DatasetError(f"{path}: cannot read image set list: {shorten(e)}") from None
 
 
 def _voc_annotation(annotation_id, image_id, label, corners, difficult, ignore_difficult):
