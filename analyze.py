@@ -118,7 +118,7 @@ def box_iou(detections, boxes, crowd):
 
 def match_image(gt_boxes, gt_classes, crowd_boxes, det_boxes, det_classes, det_scores, iou_thresh, background):
     """The confusion-matrix cells (true class, predicted class) of one image, background meaning no box; see the
-    module docstring for the rules. Boxes are float64 XYWH arrays; the detections are those above the threshold."""
+    module docstring for the rules. Boxes are float64 XYWH arrays; the detections are those kept by the score threshold."""
     ious = box_iou(det_boxes, gt_boxes, crowd=False)
     on_crowd = (box_iou(det_boxes, crowd_boxes, crowd=True) >= iou_thresh).any(axis=1)
     taken = np.zeros(len(gt_boxes), dtype=bool)
@@ -140,10 +140,7 @@ def confusion_matrix(coco_gt, results, score_thresh, iou_thresh):
     over every image of coco_gt."""
     position = {category_id: i for i, category_id in enumerate(sorted(coco_gt.cats))}
     background = len(position)
-    kept = collections.defaultdict(list)
-    for result in results:
-        if result["score"] >= score_thresh:
-            kept[result["image_id"]].append(result)
+    kept = detections_by_image(results, score_thresh)
     matrix = np.zeros((background + 1, background + 1), dtype=np.int64)
     cells_of_image = {}
     for image_id in sorted(coco_gt.imgs):
@@ -158,6 +155,15 @@ def confusion_matrix(coco_gt, results, score_thresh, iou_thresh):
             matrix[cell] += 1
         cells_of_image[image_id] = cells
     return matrix, cells_of_image
+
+
+def detections_by_image(results, score_thresh):
+    """{image id: [its detections scoring at least score_thresh, in the file's order]}; missing ids give []."""
+    grouped = collections.defaultdict(list)
+    for result in results:
+        if result["score"] >= score_thresh:
+            grouped[result["image_id"]].append(result)
+    return grouped
 
 
 def xywh(entries):
@@ -178,9 +184,7 @@ def coco_ap(coco_gt, results):
     """({class name: {"AP", "AP50"}}, (AP, AP50)) from pycocotools' COCOeval over every image of coco_gt and all
     detections, through the evaluator train.py uses (coco_eval.CocoEvaluator); -1 where a class has no box."""
     evaluator = coco_eval.CocoEvaluator(coco_gt)
-    by_image = collections.defaultdict(list)
-    for result in results:
-        by_image[result["image_id"]].append(result)
+    by_image = detections_by_image(results, score_thresh=-np.inf)
     for image_id in sorted(coco_gt.imgs):
         detections = by_image[image_id]
         boxes = torch.tensor(xywh(detections))
@@ -311,10 +315,7 @@ def xyxy(bbox):
 
 
 def draw_worst(coco_gt, results, worst, picture_names, images_dir, output_dir, score_thresh, names_by_id):
-    by_image = collections.defaultdict(list)
-    for result in results:
-        if result["score"] >= score_thresh:
-            by_image[result["image_id"]].append(result)
+    by_image = detections_by_image(results, score_thresh)
     for (image_id, _), picture_name in zip(worst, picture_names):
         path = os.path.join(images_dir, coco_gt.imgs[image_id]["file_name"])
         image = predict.read_image(path)

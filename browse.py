@@ -118,8 +118,8 @@ def format_table(table):
 def format_report(report, images):
     lines = []
     if report["crowd_boxes"]:
-        lines.append(f"drops {report['crowd_boxes']} crowd boxes (ignored by training; evaluation ignores "
-                     "detections on them, as COCO's does)")
+        lines.append(f"drops {report['crowd_boxes']} crowd boxes (training ignores them, COCO evaluation ignores "
+                     "the detections on them)")
     if report["boxes_without_area"]:
         lines.append(f"drops {report['boxes_without_area']} boxes without area (no width or height once clamped "
                      "to the image)")
