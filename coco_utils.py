@@ -52,7 +52,8 @@ def shorten(text, limit=200):
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _read_json(path):
+def read_json(path, what="annotation file"):
+    """The content of a JSON file; an unreadable or malformed one is a one-line DatasetError naming it as `what`."""
     try:
         with open(path, "rb") as f:
             return json.load(f)
@@ -63,10 +64,10 @@ def _read_json(path):
     except RecursionError:
         raise DatasetError(f"{path}: JSON nested too deeply to read (a COCO file is a few levels deep)") from None
     except OSError as e:
-        raise DatasetError(f"{path}: cannot read annotation file: {e.strerror}") from None
+        raise DatasetError(f"{path}: cannot read {what}: {e.strerror}") from None
 
 
-def _bbox_problem(bbox):
+def bbox_problem(bbox):
     """Why bbox is not [x, y, width, height] of 4 finite numbers whose corners and area are finite, or None."""
     numbers = isinstance(bbox, list) and len(bbox) == 4 and all(
         isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox)
@@ -129,7 +130,7 @@ def check_coco_dict(data, ann_file):
             raise DatasetError(f'{ann_file}: annotation id {ann_id} refers to image id {image_id!r}, not in "images"')
         where = f"{ann_file}: annotation id {ann_id} (image id {image_id})"
         bbox = ann.get("bbox")
-        problem = _bbox_problem(bbox)
+        problem = bbox_problem(bbox)
         if problem:
             raise DatasetError(f"{where}: bbox {problem}, got {shorten(repr(bbox), 80)}")
         if ann.get("category_id") not in category_ids:
@@ -148,7 +149,7 @@ def build_coco_api(data):
     return coco
 
 
-def _usable_boxes(coco, image_ids, label_of, ann_file):
+def usable_boxes(coco, image_ids, label_of, ann_file):
     """Box-only targets of `image_ids`, concatenated in that order: (boxes XYXY, labels, area, first, count) with
     first[i]:first[i]+count[i] the rows of image_ids[i]. Crowd annotations are dropped, boxes are clamped to the
     image and boxes left without area (zero or negative size) are dropped. `label_of` maps category ids to labels."""
@@ -197,7 +198,7 @@ def _check_image_paths(coco, ids, ann_file):
 
 def load_annotation_file(ann_file):
     """The validated pycocotools COCO object of a COCO detection file; bad input raises a one-line DatasetError."""
-    data = _read_json(ann_file)
+    data = read_json(ann_file)
     check_coco_dict(data, ann_file)
     return build_coco_api(data)
 
@@ -334,8 +335,8 @@ class CocoDetection(torch.utils.data.Dataset):
         self.transforms = transforms
         # Targets live in a few flat arrays rather than per-image Python objects: cheap to build for COCO's
         # 860k boxes and not copied page by page into every forked DataLoader worker by reference counting.
-        self._boxes, self._labels, self._area, first, count = _usable_boxes(
-            self.coco, ids, _label_of(self.categories), ann_file
+        self._boxes, self._labels, self._area, first, count = usable_boxes(
+            self.coco, ids, category_labels(self.categories), ann_file
         )
         if drop_images_without_boxes:
             has_box = count > 0
@@ -374,7 +375,8 @@ class CocoDetection(torch.utils.data.Dataset):
         return image, target
 
 
-def _label_of(categories):
+def category_labels(categories):
+    """{category id: label} of a category table {label: {"id", "name"}}."""
     return {entry["id"]: label for label, entry in categories.items()}
 
 
@@ -415,8 +417,8 @@ def _get_coco_v2(img_folder, ann_file, transforms, drop_images_without_boxes, ca
     coco, ids = _load_coco(img_folder, ann_file, coco, allow_paths_outside)
     if categories is None:
         categories = build_category_table({ann_file: coco})
-    label_of = _label_of(categories)
-    count = _usable_boxes(coco, ids, label_of, ann_file)[4]
+    label_of = category_labels(categories)
+    count = usable_boxes(coco, ids, label_of, ann_file)[4]
     # No annotation file for torchvision to read: it gets the validated copy (with "area"/"iscrowd" filled in where
     # the file omits them, which pycocotools' evaluation needs) so both paths evaluate against the same ground truth.
     dataset = torchvision.datasets.CocoDetection(img_folder, None, transforms=_V2Labels(label_of, transforms))

@@ -89,35 +89,41 @@ def unique_picture_names(relative_paths):
 
 
 def check_output_dir_holds_no_input(output_dir, inputs):
-    """Refuse an output folder that is an input folder or contains an input: its pictures could replace them."""
+    """Refuse an output folder that is an input folder or contains an input: the files written there could replace
+    them."""
     output = os.path.realpath(output_dir)
     for item in inputs:
         if os.path.commonpath([output, os.path.realpath(item)]) == output:
             what = "is the input" if os.path.realpath(item) == output else "holds the input"
-            raise cli.UserInputError(f"--output-dir {output_dir} {what} {item}: pictures could replace your images; "
-                             "choose a folder outside the inputs")
+            raise cli.UserInputError(f"--output-dir {output_dir} {what} {item}: what is written there could "
+                                     "replace your inputs; choose a folder outside them")
 
 
-def check_no_foreign_file_replaced(output_dir, picture_names):
-    """Refuse to replace files in output_dir that no earlier predict.py run there wrote: a rerun may replace the
-    pictures and detections.json its predecessor listed in detections.json, nothing else."""
-    targets = [*picture_names, SUMMARY_NAME]
-    existing = [name for name in targets if os.path.lexists(os.path.join(output_dir, name))]
-    foreign = [name for name in existing if name not in earlier_outputs(output_dir)]
+def check_no_foreign_file_replaced(output_dir, names, earlier, script="predict.py"):
+    """Refuse to replace files in output_dir that no earlier run of script there wrote: a rerun may replace the
+    files its predecessor listed (earlier, see listed_outputs), nothing else. names: the files this run will
+    write, relative to output_dir."""
+    existing = [name for name in names if os.path.lexists(os.path.join(output_dir, name))]
+    foreign = [name for name in existing if name not in earlier]
     if foreign:
         more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
-        raise cli.UserInputError(f"--output-dir {output_dir} already holds {foreign[0]}{more}, which no earlier predict.py "
-                         "run there wrote: choose another --output-dir")
+        raise cli.UserInputError(f"--output-dir {output_dir} already holds {foreign[0]}{more}, which no earlier "
+                                 f"{script} run there wrote: choose another --output-dir")
+
+
+def listed_outputs(output_dir, summary_name, files_of):
+    """The files an earlier run wrote into output_dir: its summary file summary_name and the files that
+    files_of(summary) lists; none when the summary is missing or not that script's."""
+    try:
+        with open(os.path.join(output_dir, summary_name), encoding="utf-8") as f:
+            return {summary_name, *files_of(json.load(f))}
+    except (OSError, ValueError, RecursionError, KeyError, TypeError):  # none, or not that script's
+        return set()
 
 
 def earlier_outputs(output_dir):
     """The files an earlier predict.py run wrote into output_dir, as its detections.json lists them."""
-    try:
-        with open(os.path.join(output_dir, SUMMARY_NAME), encoding="utf-8") as f:
-            records = json.load(f)["images"]
-        return {SUMMARY_NAME, *(record["picture"] for record in records)}
-    except (OSError, ValueError, RecursionError, KeyError, TypeError):  # none, or not predict.py's
-        return set()
+    return listed_outputs(output_dir, SUMMARY_NAME, lambda summary: [record["picture"] for record in summary["images"]])
 
 
 def read_image(path):
@@ -134,23 +140,34 @@ def class_color(label):
     return round(red * 255), round(green * 255), round(blue * 255)
 
 
-def draw_detections(image, detections):
-    """image uint8 [3, H, W] with each detection's box and 'name score' label drawn on it."""
-    if not detections:
+def draw_boxes(image, boxes, captions, colors):
+    """image uint8 [3, H, W] with each XYXY box drawn in its colour under its caption; later boxes are drawn on
+    top. Line width and font grow with the image, so that pictures of any size stay readable."""
+    if not boxes:
         return image
     longest_side = max(image.shape[1:])
     font = FONT_PATH if os.path.isfile(FONT_PATH) else None
-    lowest_first = detections[::-1]  # drawn last, the best boxes and labels stay readable on top
     return draw_bounding_boxes(
         image,
-        torch.tensor([d["box"] for d in lowest_first]),
-        labels=[f"{d['name']} {d['score']:.2f}" for d in lowest_first],
-        colors=[class_color(d["label"]) for d in lowest_first],
+        torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+        labels=captions,
+        colors=colors,
         width=max(2, round(longest_side / 300)),
         font=font,
         font_size=max(10, round(longest_side / 40)) if font else None,
         fill_labels=True,
     )
+
+
+def draw_detections(image, detections):
+    """image uint8 [3, H, W] with each detection's box and 'name score' label drawn on it."""
+    lowest_first = detections[::-1]  # drawn last, the best boxes and labels stay readable on top
+    return draw_boxes(image, [d["box"] for d in lowest_first], [detection_caption(d) for d in lowest_first],
+                      [class_color(d["label"]) for d in lowest_first])
+
+
+def detection_caption(detection):
+    return f"{detection['name']} {detection['score']:.2f}"
 
 
 def save_picture(image, path):
@@ -239,7 +256,8 @@ def main(args):
         extensions = " ".join(sorted(IMAGE_EXTENSIONS))
         raise cli.UserInputError(f"no image found in {' '.join(args.inputs)} (extensions: {extensions})")
     check_output_dir_holds_no_input(args.output_dir, args.inputs)
-    check_no_foreign_file_replaced(args.output_dir, [picture_name for _, picture_name in images])
+    picture_names = [picture_name for _, picture_name in images]
+    check_no_foreign_file_replaced(args.output_dir, [*picture_names, SUMMARY_NAME], earlier_outputs(args.output_dir))
     safe_io.prepare_output_dir(args.output_dir)
     model, model_name, class_names = models.load_detector(args.weights, args.model)
     model.to(args.device)

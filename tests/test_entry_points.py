@@ -1,4 +1,5 @@
-"""Issue 25's promises for every entry point (train.py, predict.py, export.py, plot_curves.py, bench.py, shapes.py):
+"""Issue 25's promises for every entry point (train.py, predict.py, export.py, plot_curves.py, bench.py, shapes.py,
+browse.py, analyze.py):
 every flag range-checked by its parser before any file is touched (a table of every numeric flag against 0, a
 negative, nan, inf, a huge value and a non-number), the one output rule of single-file writers (safe_io.
 check_output_file), a closed stdout is not a crash (real pipes), and torchvision's reference checkpoints load."""
@@ -18,7 +19,9 @@ import torch
 from matplotlib.figure import Figure
 from PIL import Image
 
+import analyze
 import bench
+import browse
 import cli
 import export
 import models
@@ -57,6 +60,13 @@ FLAG_TABLE = {
         "--opset": {}, "--score-thresh": {"zero": "keep every detection"},
     }),
     "bench.py": (bench.get_args_parser, [], {"--repeats": {}, "--profile": {"zero": "no profile (the default)"}}),
+    "browse.py": (browse.get_args_parser, ["--dataset", "shapes", "--output-dir", "{tmp}/out"], {
+        "--limit": {"zero": "draw every image"}, "--seed": {"zero": "the default seed"},
+    }),
+    "analyze.py": (analyze.get_args_parser, ["--annotations", "gt.json", "--detections", "d.json", "--output-dir",
+                                             "{tmp}/out"], {
+        "--score-thresh": {"zero": "count every detection"}, "--iou-thresh": {}, "--worst": {"zero": "list none"},
+    }),
     "shapes.py": (shapes.get_args_parser, ["--output", "{tmp}/shapes"], {
         "--num-train": {}, "--num-val": {}, "--seed": {"zero": "the default seed"}, "--image-size": {},
         "--workers": {},
