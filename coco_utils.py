@@ -30,6 +30,8 @@ import torch.utils.data
 from PIL import Image
 from pycocotools.coco import COCO
 
+from models.weights import normalize_class_name
+
 SPLITS = {
     "train": ("train2017", os.path.join("annotations", "instances_train2017.json")),
     "val": ("val2017", os.path.join("annotations", "instances_val2017.json")),
@@ -278,6 +280,66 @@ def build_category_table(cocos):
     identity = ids[0] >= 1 and ids[-1] <= IDENTITY_LABELS_MAX_ID_RATIO * len(ids)
     labels = ids if identity else range(1, len(ids) + 1)
     return {label: {"id": category_id, "name": merged[category_id][0]} for label, category_id in zip(labels, ids)}
+
+
+# Names torchvision's weights give labels that stand for no class.
+_UNNAMED_LABELS = ("__background__", "N/A")
+
+
+def categories_for_evaluation(recorded, data_categories, source):
+    """(category table, note or None): the table through which evaluation maps the model's labels to this data's
+    category ids, given the classes recorded with the weights (models.read_weights_record) and the data's table.
+
+    The weights define what their labels mean: a recorded table {label: {"id", "name"}}, or names alone
+    ({label: name}: older checkpoints, torchvision's weights). Each of this data's categories is the model's class
+    of the same id and name, else the one of the same name (compared as fine-tuning compares them, see
+    models.weights.normalize_class_name), whose label then writes this data's id. A data category that no class
+    matches is a DatasetError naming `source`: the model was trained on other classes. The model's other classes
+    keep their recorded id where this data does not use it (written to detections.json, not evaluated) and are left
+    out otherwise (their id names another class here, or none is recorded). Nothing recorded (a plain state_dict): this data's table is taken on trust. The note says, in one
+    line, whatever is not matched by id and name.
+    """
+    if not recorded:
+        return data_categories, f"{source} records no classes: its labels are taken to be this data's categories"
+    classes = {int(label): entry if isinstance(entry, dict) else {"id": None, "name": str(entry)}
+               for label, entry in recorded.items()}
+    classes = {label: entry for label, entry in classes.items() if label >= 1 and entry["name"] not in _UNNAMED_LABELS}
+    table, renamed = {}, []
+    for data_entry in sorted(data_categories.values(), key=lambda entry: entry["id"]):
+        label = _matching_class(classes, data_entry, source)
+        table[label] = dict(data_entry)
+        if classes[label]["id"] not in (None, data_entry["id"]):  # names alone record no id to differ
+            renamed.append(f"{data_entry['name']!r} {classes[label]['id']}->{data_entry['id']}")
+    data_ids = {entry["id"] for entry in data_categories.values()}
+    unused = {label: entry for label, entry in classes.items() if label not in table}
+    table.update({label: dict(entry) for label, entry in unused.items() if entry["id"] not in (None, *data_ids)})
+    dropped = [repr(entry["name"]) for label, entry in unused.items() if label not in table]
+    not_evaluated = [repr(entry["name"]) for label, entry in unused.items() if label in table]
+    parts = [_listed(renamed, "matched by name, under this data's ids"),
+             _listed(not_evaluated, "not in this data: detections written, not evaluated"),
+             _listed(dropped, "not in this data and without an id of their own here: detections left out")]
+    note = "; ".join(filter(None, parts))
+    return dict(sorted(table.items())), f"{source}: its classes {note}" if note else None
+
+
+def _matching_class(classes, data_entry, source):
+    """The label of the model's class of the data category's id and name, else of its name alone."""
+    for label, entry in classes.items():
+        if entry["id"] == data_entry["id"] and entry["name"] == data_entry["name"]:
+            return label
+    wanted = normalize_class_name(data_entry["name"])
+    same_name = [label for label, entry in classes.items() if normalize_class_name(entry["name"]) == wanted]
+    if len(same_name) == 1:
+        return same_name[0]
+    same_id = [entry["name"] for entry in classes.values() if entry["id"] == data_entry["id"]]
+    there = f"category id {data_entry['id']} is {same_id[0]!r} there" if same_id else \
+        f"no class is named {data_entry['name']!r} there"
+    raise DatasetError(f"{source} was trained on other classes than this data's: {there}, "
+                       f"{data_entry['name']!r} (category id {data_entry['id']}) here")
+
+
+def _listed(items, what):
+    return f"{shorten(', '.join(items), 120)} {what}" if items else ""
 
 
 def _to_rgb(image):

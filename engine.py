@@ -113,23 +113,24 @@ def train_one_epoch(model, optimizer, data_loader, device, epoch, print_freq, sc
     return {**means, "lr": optimizer.param_groups[0]["lr"]}
 
 
-def make_evaluator(dataset, coco_backend="pycocotools"):
+def make_evaluator(dataset, coco_backend="pycocotools", categories=None):
     """The evaluator for a dataset's ground truth (one interface: update, synchronize_between_processes,
-    accumulate, summarize, metrics, coco_results): COCO's, plus the VOC devkit's AP for Pascal VOC."""
+    accumulate, summarize, metrics, coco_results): COCO's, plus the VOC devkit's AP for Pascal VOC. categories:
+    the model's category table (default: the dataset's)."""
     coco_gt = get_coco_api_from_dataset(dataset)
     evaluator_class = VocEvaluator if is_voc(coco_gt) else CocoEvaluator
     # The category table maps the model's labels back to the annotation file's category ids.
-    return evaluator_class(coco_gt, backend=coco_backend, categories=get_categories(dataset, coco_gt))
+    return evaluator_class(coco_gt, backend=coco_backend, categories=categories or get_categories(dataset, coco_gt))
 
 
 @torch.inference_mode()
-def detect(model, data_loader, device, coco_backend="pycocotools", amp_dtype=None):
+def detect(model, data_loader, device, coco_backend="pycocotools", amp_dtype=None, categories=None):
     """Run the model over data_loader's dataset (all ranks); returns its evaluator holding every rank's detections,
-    ready for accumulate() or coco_results()."""
+    ready for accumulate() or coco_results(). categories: the model's category table (default: the dataset's)."""
     model.eval()
     metric_logger = utils.MetricLogger(delimiter="  ")
     header = "Test:"
-    evaluator = make_evaluator(data_loader.dataset, coco_backend)
+    evaluator = make_evaluator(data_loader.dataset, coco_backend, categories)
 
     for images, targets in metric_logger.log_every(data_loader, 100, header):
         images = [image.to(device, non_blocking=True) for image in images]

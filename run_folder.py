@@ -82,6 +82,7 @@ def read_resume_checkpoint(args):
     args.resume = resolve_resume(args)
     checkpoint = load_resume_checkpoint(args) if args.resume else None
     if args.test_only:
+        check_something_to_evaluate(args, auto_resume)
         return checkpoint, False
     if checkpoint is not None:
         args.start_epoch = checkpoint["epoch"] + 1
@@ -91,6 +92,18 @@ def read_resume_checkpoint(args):
             return checkpoint, True
     check_epochs_left(args)
     return checkpoint, False
+
+
+def check_something_to_evaluate(args, auto_resume):
+    """--test-only evaluates given weights: a model of random weights would write a metrics.json that looks like
+    any other, so evaluating without --weights or --resume, or after --resume auto found nothing, is refused."""
+    if args.resume or args.weights:
+        return
+    if auto_resume:
+        raise ConfigError(f"--test-only --resume auto: no {os.path.join(args.output_dir, CHECKPOINT_NAME)} to "
+                          "evaluate; give the checkpoint (--resume FILE) or the weights (--weights)")
+    raise ConfigError("--test-only needs the model to evaluate: --weights (a file or a torchvision weights name) "
+                      "or --resume CHECKPOINT")
 
 
 def resolve_resume(args):
@@ -105,7 +118,8 @@ def resolve_resume(args):
     candidate = os.path.join(args.output_dir, CHECKPOINT_NAME)
     found = utils.broadcast_object(os.path.isfile(candidate) if utils.is_main_process() else None)
     if not found:
-        print(f"--resume auto: no {candidate}, starting fresh")
+        if not args.test_only:
+            print(f"--resume auto: no {candidate}, starting fresh")
         return ""
     print(f"--resume auto: continuing from {candidate}")
     if args.weights:

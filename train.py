@@ -448,14 +448,16 @@ def main(args):
     print("Loading data")
     prepare_data_root(args)
     dataset, dataset_test = get_datasets(args)
-    num_classes = coco_utils.get_num_classes(dataset_test)
     categories = coco_utils.get_categories(dataset_test)
-    if resume_checkpoint is not None:
+    num_classes = max(categories) + 1
+    if args.test_only:
+        categories, num_classes = evaluated_categories(args, resume_checkpoint, categories)
+    elif resume_checkpoint is not None:
         run_folder.check_resume_categories(args, resume_checkpoint, categories)
     data_loader_test = build_eval_loader(dataset_test, args)
 
     print("Creating model")
-    model = build_model(args, num_classes, coco_utils.get_category_names(dataset_test), device, resume_checkpoint)
+    model = build_model(args, num_classes, models.class_names(categories), device, resume_checkpoint)
     model_without_ddp = model
     if args.distributed:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[args.gpu] if device.type == "cuda" else None)
@@ -463,7 +465,7 @@ def main(args):
     amp_dtype, scaler = amp_setup(args, device)
 
     if args.test_only:
-        evaluate_only(args, model, data_loader_test, device, amp_dtype)
+        evaluate_only(args, model, data_loader_test, device, amp_dtype, categories)
         utils.finish_distributed()
         return
 
@@ -520,11 +522,27 @@ def set_up_randomness(args, device):
         torch.backends.cudnn.benchmark = True  # SSD inputs have one fixed size
 
 
-def evaluate_only(args, model, data_loader_test, device, amp_dtype):
+def evaluated_categories(args, resume_checkpoint, data_categories):
+    """--test-only: (category table, number of classes) of the evaluated weights (--resume or --weights), whose
+    labels mean what they were trained for, matched with the data's (coco_utils.categories_for_evaluation)."""
+    if resume_checkpoint is not None:
+        recorded, source = resume_checkpoint.get("categories") or {}, f"--resume {args.resume}"
+    else:
+        recorded, source = models.read_weights_record(args.weights)[1], f"--weights {args.weights}"
+    table, note = coco_utils.categories_for_evaluation(recorded, data_categories, source)
+    if note:
+        print(note)
+    # Every recorded label has its rows in the classifier, also those left out of the table.
+    return table, max(map(int, recorded or table)) + 1
+
+
+def evaluate_only(args, model, data_loader_test, device, amp_dtype, categories):
     """--test-only: detections of the whole validation set, their evaluation (unless --format-only) and, on rank
-    0, detections.json and metrics.json in --output-dir."""
+    0, detections.json and metrics.json in --output-dir. categories: the evaluated model's table, which maps its
+    labels to the data's category ids."""
     torch.backends.cudnn.deterministic = True
-    evaluator = engine.detect(model, data_loader_test, device, coco_backend=args.coco_backend, amp_dtype=amp_dtype)
+    evaluator = engine.detect(model, data_loader_test, device, coco_backend=args.coco_backend, amp_dtype=amp_dtype,
+                              categories=categories)
     metrics = None if args.format_only else engine.evaluate_detections(evaluator)
     if args.output_dir and utils.is_main_process():
         run_folder.write_evaluation_files(args, data_loader_test.dataset, evaluator, metrics)

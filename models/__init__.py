@@ -5,7 +5,8 @@ import torch
 from .compile import CompileError, compile_network
 from .ssd import SSD, ssd300_vgg16
 from .ssdlite import ssdlite320_mobilenet_v3_large
-from .weights import WeightsError, class_names, load_checkpoint_file, load_model_state, read_weights_metadata
+from .weights import (WeightsError, class_names, load_checkpoint_file, load_model_state, read_weights_metadata,
+                      read_weights_record)
 
 _BUILDERS = {
     "ssd300_vgg16": ssd300_vgg16,
@@ -28,6 +29,7 @@ _CHANNELS_LAST = {  # (device kind, training) -> model names
 __all__ = [
     "SSD", "CompileError", "WeightsError", "class_names", "compile_network", "get_model", "list_models",
     "load_checkpoint_file", "load_detector", "load_model_state", "prefers_channels_last", "read_weights_metadata",
+    "read_weights_record",
     *_BUILDERS,
 ]
 

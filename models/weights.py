@@ -97,11 +97,20 @@ def load_weights(spec, torchvision_model: str, num_classes: int | None = None) -
 def read_weights_metadata(spec) -> tuple[str | None, dict[int, str]]:
     """(model name or None, {label: class name}) recorded with weights `spec`, a checkpoint file or one of
     torchvision's weights names, read without building a model. A plain state_dict records neither."""
+    model_name, categories = read_weights_record(spec)
+    return model_name, class_names(categories)
+
+
+def read_weights_record(spec) -> tuple[str | None, dict]:
+    """(model name or None, the classes as recorded) of weights `spec`, read without building a model: a
+    checkpoint's "categories" as stored (the category table {label: {"id", "name"}}, or the older {label: name}),
+    torchvision's names {label: name} ("__background__" at 0, "N/A" at unused labels), {} where nothing is
+    recorded (a plain state_dict)."""
     if isinstance(spec, os.PathLike) or _looks_like_path(spec):
         checkpoint = load_checkpoint_file(spec)
         if not isinstance(checkpoint.get("model"), dict):
             return None, {}
-        return (checkpoint.get("args") or {}).get("model"), class_names(checkpoint.get("categories"))
+        return (checkpoint.get("args") or {}).get("model"), dict(checkpoint.get("categories") or {})
     try:
         weights = torchvision.models.get_weight(spec)
     except (ValueError, KeyError):
