@@ -346,7 +346,8 @@ def build_train_loader(dataset, args):
     )
     if args.aspect_ratio_group_factor >= 0:
         group_ids = create_aspect_ratio_groups(dataset, k=args.aspect_ratio_group_factor)
-        batch_sampler = GroupedBatchSampler(sampler, group_ids, args.batch_size)
+        batch_sampler = GroupedBatchSampler(sampler, group_ids, args.batch_size,
+                                            min_batch_size=MIN_TRAIN_BATCH_SIZE.get(args.model, 1))
     else:
         batch_sampler = torch.utils.data.BatchSampler(sampler, args.batch_size, drop_last=True)
     if len(batch_sampler) == 0:
