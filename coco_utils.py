@@ -166,14 +166,23 @@ def _usable_boxes(coco, image_ids, label_of, ann_file):
     boxes[:, 2:] += boxes[:, :2]
     boxes[:, 0::2] = boxes[:, 0::2].clip(0, size[:, :1])
     boxes[:, 1::2] = boxes[:, 1::2].clip(0, size[:, 1:])
-    keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    # Judged in float32, the targets' type: a sliver of 1e-9 pixels, or one starting at 63.9999999 in a 64-pixel
+    # image, has positive size in float64 only.
+    boxes = boxes.astype(np.float32)
+    keep = has_positive_size(boxes)
 
     # A stable sort keeps each image's annotations in file order, as pycocotools' getAnnIds returns them.
     order = np.argsort(owner[keep], kind="stable")
     owner = owner[keep][order]
     count = np.bincount(owner, minlength=len(image_ids))
     first = np.cumsum(count) - count
-    return boxes[keep][order].astype(np.float32), labels[keep][order], area[keep][order], first, count
+    return boxes[keep][order], labels[keep][order], area[keep][order], first, count
+
+
+def has_positive_size(boxes):
+    """Which XYXY boxes (numpy or torch, [N, 4]) have x2 > x1 and y2 > y1 (NaN fails): the one test of a usable
+    box, applied to the annotation file's boxes here and to the final training targets by presets.DropUnusableBoxes."""
+    return (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
 
 
 def _label(label_of, ann, ann_file):
@@ -440,26 +449,25 @@ def _label_of(categories):
     return {entry["id"]: label for label, entry in categories.items()}
 
 
-class _V2Labels:
-    """The v2 path's first transform: torchvision's wrapper hands over category ids as "labels", and {"image_id"}
-    alone for an image without annotations; this turns the ids into labels and gives such images empty "boxes" and
-    "labels" (a pure negative, as the v1 path gives), then runs `transforms`."""
+class _V2Targets:
+    """The v2 path's first transform: replaces the "boxes" and "labels" torchvision's wrapper made from the raw
+    annotations (crowd boxes included, nothing clamped, category ids as labels, none at all for an image without
+    annotations) by the v1 path's targets (`usable`, _usable_boxes' arrays by image id), then runs `transforms`.
+    So both paths train on the same boxes: clamped, crowd ignored, slivers dropped."""
 
-    def __init__(self, label_of, transforms):
-        self.label_of = label_of
+    def __init__(self, usable, transforms):
+        self.boxes, self.labels, self.first, self.count, self.position = usable
         self.transforms = transforms
 
     def __call__(self, image, target):
         from torchvision import tv_tensors
         from torchvision.transforms.v2 import functional as F
 
-        if "boxes" in target:
-            labels = [self.label_of[category_id] for category_id in target["labels"].tolist()]
-        else:
-            canvas_size = tuple(F.get_size(image))
-            target["boxes"] = tv_tensors.BoundingBoxes(torch.zeros(0, 4), format="XYXY", canvas_size=canvas_size)
-            labels = []
-        target["labels"] = torch.tensor(labels, dtype=torch.int64)
+        index = self.position[target["image_id"]]
+        rows = slice(self.first[index], self.first[index] + self.count[index])
+        target["boxes"] = tv_tensors.BoundingBoxes(torch.from_numpy(self.boxes[rows].copy()), format="XYXY",
+                                                   canvas_size=tuple(F.get_size(image)))
+        target["labels"] = torch.from_numpy(self.labels[rows].copy())
         return (image, target) if self.transforms is None else self.transforms(image, target)
 
 
@@ -467,21 +475,20 @@ def _get_coco_v2(img_folder, ann_file, transforms, drop_images_without_boxes, ca
                  allow_paths_outside=False):
     """torchvision's own dataset and v2 wrapper, as torchvision's references use with --use-v2.
 
-    Its targets differ from CocoDetection above: crowd annotations stay as ordinary boxes, boxes are neither
-    clamped nor filtered here (transforms.v2.SanitizeBoundingBoxes later drops those under 1 pixel, while v1 keeps
-    sub-pixel boxes) and there is no "area"/"iscrowd". Labels follow the same category table as v1, and training
-    images are filtered by the same rule, so both paths see the same images.
+    Its "boxes" and "labels" are CocoDetection's above (clamped, crowd annotations ignored, slivers dropped, labels
+    of the same category table, see _V2Targets); there is no "area"/"iscrowd". Training images are filtered by the
+    same rule, so both paths see the same images and targets.
     """
     import torchvision
 
     coco, ids = _load_coco(img_folder, ann_file, coco, allow_paths_outside)
     if categories is None:
         categories = build_category_table({ann_file: coco})
-    label_of = _label_of(categories)
-    count = _usable_boxes(coco, ids, label_of, ann_file)[4]
+    boxes, labels, _, first, count = _usable_boxes(coco, ids, _label_of(categories), ann_file)
+    usable = boxes, labels, first, count, {image_id: index for index, image_id in enumerate(ids)}
     # No annotation file for torchvision to read: it gets the validated copy (with "area"/"iscrowd" filled in where
     # the file omits them, which pycocotools' evaluation needs) so both paths evaluate against the same ground truth.
-    dataset = torchvision.datasets.CocoDetection(img_folder, None, transforms=_V2Labels(label_of, transforms))
+    dataset = torchvision.datasets.CocoDetection(img_folder, None, transforms=_V2Targets(usable, transforms))
     dataset.coco = coco
     dataset.ids = ids
     dataset.categories = categories
@@ -598,6 +605,18 @@ def get_categories(dataset, coco_gt=None):
         return unwrapped.categories
     cats = (coco_gt or get_coco_api_from_dataset(dataset)).cats
     return {category_id: {"id": category_id, "name": cat["name"]} for category_id, cat in sorted(cats.items())}
+
+
+def get_image_file(dataset, image_id):
+    """The image file of `image_id` in a dataset made by get_coco or get_voc (also inside Subsets); None for other
+    datasets."""
+    unwrapped = _unwrap(dataset)
+    coco = getattr(unwrapped, "coco", None)
+    # Our CocoDetection names its folder img_folder; torchvision's, behind the v2 wrapper, root.
+    folder = getattr(unwrapped, "img_folder", None) or getattr(unwrapped, "root", None)
+    if not isinstance(coco, COCO) or folder is None or image_id not in coco.imgs:
+        return None
+    return os.path.join(folder, coco.imgs[image_id]["file_name"])
 
 
 def get_annotation_file(dataset):

@@ -4,9 +4,10 @@ import time
 
 import torch
 
+import models
 import utils
 from coco_eval import CocoEvaluator, VocEvaluator
-from coco_utils import get_categories, get_coco_api_from_dataset
+from coco_utils import DatasetError, get_categories, get_coco_api_from_dataset, get_image_file
 from voc_utils import is_voc
 
 
@@ -77,7 +78,10 @@ def train_one_epoch(model, optimizer, data_loader, device, epoch, print_freq, sc
         targets = [{k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in t.items()}
                    for t in targets]
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            loss_dict = model(images, targets)
+            try:
+                loss_dict = model(images, targets)
+            except models.TargetError as error:
+                raise refused_target_error(data_loader.dataset, int(targets[error.index]["image_id"]), error) from None
             losses = sum(loss_dict.values())
 
         # Every rank sees the same averaged losses and stop signal (one collective call), so all ranks stop
@@ -111,6 +115,12 @@ def train_one_epoch(model, optimizer, data_loader, device, epoch, print_freq, sc
 
     means = {name: meter.global_avg for name, meter in metric_logger.meters.items() if name != "lr"}
     return {**means, "lr": optimizer.param_groups[0]["lr"]}
+
+
+def refused_target_error(dataset, image_id, error):
+    """The one-line DatasetError for a training target the model refused, naming its image id and file."""
+    path = get_image_file(dataset, image_id)
+    return DatasetError(f"{path or 'image'}: image id {image_id}: the model refuses its training target: {error}")
 
 
 def make_evaluator(dataset, coco_backend="pycocotools", categories=None):

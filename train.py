@@ -258,7 +258,8 @@ def validate_voc_args(args):
 def get_transform(is_train, args):
     if is_train:
         return presets.DetectionPresetTrain(
-            data_augmentation=args.data_augmentation, backend=args.backend, use_v2=args.use_v2
+            data_augmentation=args.data_augmentation, backend=args.backend, use_v2=args.use_v2,
+            input_size=models.INPUT_SIZES[args.model],
         )
     return presets.DetectionPresetEval(backend=args.backend, use_v2=args.use_v2)
 

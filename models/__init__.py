@@ -3,8 +3,8 @@ names (same state_dict, losses and detections), without depending on torchvision
 import torch
 
 from .compile import CompileError, compile_network
-from .ssd import SSD, ssd300_vgg16
-from .ssdlite import ssdlite320_mobilenet_v3_large
+from .ssd import SSD, SSD300_INPUT_SIZE, TargetError, ssd300_vgg16
+from .ssdlite import SSDLITE320_INPUT_SIZE, ssdlite320_mobilenet_v3_large
 from .weights import (WeightsError, class_names, load_checkpoint_file, load_model_state, read_weights_metadata,
                       read_weights_record)
 
@@ -12,6 +12,8 @@ _BUILDERS = {
     "ssd300_vgg16": ssd300_vgg16,
     "ssdlite320_mobilenet_v3_large": ssdlite320_mobilenet_v3_large,
 }
+# The (H, W) each model resizes its images to, known before a model is built (the training transforms need it).
+INPUT_SIZES = {"ssd300_vgg16": SSD300_INPUT_SIZE, "ssdlite320_mobilenet_v3_large": SSDLITE320_INPUT_SIZE}
 
 # Where channels_last was measured faster than the default layout, A/B on the models as our scripts run them (the
 # figures, machines and dates are in docs/performance.md, "Memory format"): on CPU, inference of both models and an
@@ -27,7 +29,7 @@ _CHANNELS_LAST = {  # (device kind, training) -> model names
 }
 
 __all__ = [
-    "SSD", "CompileError", "WeightsError", "class_names", "compile_network", "get_model", "list_models",
+    "INPUT_SIZES", "SSD", "TargetError", "CompileError", "WeightsError", "class_names", "compile_network", "get_model", "list_models",
     "load_checkpoint_file", "load_detector", "load_model_state", "prefers_channels_last", "read_weights_metadata",
     "read_weights_record",
     *_BUILDERS,

@@ -20,6 +20,15 @@ from .weights import load_model_state, load_weights
 
 
 
+class TargetError(ValueError):
+    """A training target the model refuses; `index` is its position in the batch, so that the caller can name the
+    image it came from."""
+
+    def __init__(self, index, message):
+        super().__init__(message)
+        self.index = index
+
+
 class SSD(nn.Module):
     """Single-shot detector: backbone feature maps -> per-anchor class logits and box regression.
 
@@ -132,8 +141,8 @@ class SSD(nn.Module):
         bad = find_bad_box(boxes, labels, valid, self.num_classes)
         if bad is not None:
             image, index = bad
-            raise ValueError(
-                f"target {image}: box {index} {targets[image]['boxes'][index].tolist()} with label "
+            raise TargetError(
+                image, f"target {image}: box {index} {targets[image]['boxes'][index].tolist()} with label "
                 f"{int(targets[image]['labels'][index])} is invalid: boxes need x2 > x1 and y2 > y1 (after "
                 f"resizing to {self.size}) and labels need 0 <= label < num_classes = {self.num_classes}"
             )
@@ -316,6 +325,9 @@ class VGG16Extractor(nn.Module):
         return outputs
 
 
+SSD300_INPUT_SIZE = (300, 300)  # (H, W) every image is resized to
+
+
 def ssd300_vgg16(
     *, weights=None, weights_backbone=None, num_classes=None, trainable_backbone_layers=None, class_names=None,
     **options
@@ -355,7 +367,7 @@ def ssd300_vgg16(
         VGG16Extractor(vgg),
         SSDHead([512, 1024, 512, 256, 256, 256], num_anchors, plan.num_classes),
         anchor_generator,
-        size=(300, 300),
+        size=SSD300_INPUT_SIZE,
         num_classes=plan.num_classes,
         **{
             # Caffe-style input: 0-255 RGB minus the ImageNet mean, as the VGG16 features were trained with.

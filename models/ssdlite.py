@@ -75,6 +75,9 @@ class MobileNetV3Extractor(nn.Module):
         return outputs
 
 
+SSDLITE320_INPUT_SIZE = (320, 320)  # (H, W) every image is resized to
+
+
 def ssdlite320_mobilenet_v3_large(
     *, weights=None, weights_backbone=None, num_classes=None, trainable_backbone_layers=None, class_names=None,
     **options
@@ -120,7 +123,7 @@ def ssdlite320_mobilenet_v3_large(
         extractor,
         SSDHead(extractor.out_channels, num_anchors, plan.num_classes, make_predictor=_prediction_block),
         anchor_generator,
-        size=(320, 320),
+        size=SSDLITE320_INPUT_SIZE,
         num_classes=plan.num_classes,
         **{
             "score_thresh": 0.001,
