@@ -454,6 +454,8 @@ def main(args):
     num_classes = max(categories) + 1
     if args.test_only:
         categories, num_classes = evaluated_categories(args, resume_checkpoint, categories)
+        writes = args.output_dir and utils.is_main_process()
+        weights_identity = run_folder.evaluated_weights(args, resume_checkpoint) if writes else None
     elif resume_checkpoint is not None:
         run_folder.check_resume_categories(args, resume_checkpoint, categories)
     data_loader_test = build_eval_loader(dataset_test, args)
@@ -467,7 +469,7 @@ def main(args):
     amp_dtype, scaler = amp_setup(args, device)
 
     if args.test_only:
-        evaluate_only(args, model, data_loader_test, device, amp_dtype, categories)
+        evaluate_only(args, model, data_loader_test, device, amp_dtype, categories, weights_identity)
         utils.finish_distributed()
         return
 
@@ -538,16 +540,16 @@ def evaluated_categories(args, resume_checkpoint, data_categories):
     return table, max(map(int, recorded or table)) + 1
 
 
-def evaluate_only(args, model, data_loader_test, device, amp_dtype, categories):
+def evaluate_only(args, model, data_loader_test, device, amp_dtype, categories, weights_identity):
     """--test-only: detections of the whole validation set, their evaluation (unless --format-only) and, on rank
     0, detections.json and metrics.json in --output-dir. categories: the evaluated model's table, which maps its
-    labels to the data's category ids."""
+    labels to the data's category ids; weights_identity: what metrics.json names as evaluated."""
     torch.backends.cudnn.deterministic = True
     evaluator = engine.detect(model, data_loader_test, device, coco_backend=args.coco_backend, amp_dtype=amp_dtype,
                               categories=categories)
     metrics = None if args.format_only else engine.evaluate_detections(evaluator)
     if args.output_dir and utils.is_main_process():
-        run_folder.write_evaluation_files(args, data_loader_test.dataset, evaluator, metrics)
+        run_folder.write_evaluation_files(args, data_loader_test.dataset, evaluator, metrics, weights_identity)
 
 
 USER_ERRORS = (ConfigError, coco_utils.DatasetError, models.WeightsError, models.CompileError,

@@ -1,6 +1,7 @@
 """Evaluation maps the model's labels through the category table stored with its weights (issue 23): the same
 detections with or without the training annotation file, one line for a checkpoint of other classes, and no
 evaluation at all without weights to evaluate. train.main runs in-process on a 3-image COCO folder."""
+import hashlib
 import json
 
 import numpy as np
@@ -102,3 +103,17 @@ def test_test_only_without_weights_is_refused_before_writing(sparse_folder, tmp_
     with pytest.raises(ConfigError, match=message):
         evaluate(sparse_folder, tmp_path / "out", *flags)
     assert not (tmp_path / "out").exists()
+
+
+def test_metrics_name_the_evaluated_file_by_content_and_a_second_evaluation_is_refused(sparse_folder, tmp_path):
+    checkpoint = saved_weights(tmp_path, TABLE)
+    evaluate(sparse_folder, tmp_path / "out", "--resume", checkpoint)
+    evaluated = json.loads((tmp_path / "out" / "metrics.json").read_text())["evaluated"]
+    assert evaluated["checkpoint"] == str(checkpoint) and evaluated["epoch"] == 0
+    assert evaluated["sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+
+    before = {path.name: path.read_bytes() for path in (tmp_path / "out").iterdir()}
+    for flags in (["--format-only", "--weights", checkpoint], ["--weights", checkpoint]):
+        with pytest.raises(ConfigError, match="already holds an evaluation's detections.json and metrics.json"):
+            evaluate(sparse_folder, tmp_path / "out", *flags)
+    assert {path.name: path.read_bytes() for path in (tmp_path / "out").iterdir()} == before
