@@ -23,6 +23,7 @@ import io
 import json
 import math
 import os
+import unicodedata
 
 import numpy as np
 import torch
@@ -80,6 +81,14 @@ def _bbox_problem(bbox):
     return None
 
 
+def _whole_number(value):
+    """value as an int where it is a whole number (64.0, as some tools write sizes, which pycocotools and
+    torchvision accept), else as given."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 def _is_category_id(value):
     # Ids are stored in int64 arrays by the evaluation backends; bool is an int subclass but not an id.
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63
@@ -102,9 +111,10 @@ def check_coco_dict(data, ann_file):
             raise DatasetError(f"{ann_file}: image entry {shorten(repr(image), 80)} needs a unique integer id")
         if not isinstance(image.get("file_name"), str):
             raise DatasetError(f'{ann_file}: image id {image_id} has no "file_name"')
-        width, height = image.get("width"), image.get("height")
+        width, height = (_whole_number(image.get(key)) for key in ("width", "height"))
         if not (isinstance(width, int) and isinstance(height, int) and width > 0 and height > 0):
             raise DatasetError(f'{ann_file}: image id {image_id} needs positive integer "width" and "height"')
+        image["width"], image["height"] = width, height
         image_ids.add(image_id)
 
     category_ids = set()
@@ -221,7 +231,7 @@ def _load_coco(img_folder, ann_file, coco=None, allow_paths_outside=False):
     ids = sorted(coco.imgs)
     if not allow_paths_outside:
         _check_image_paths(coco, ids, ann_file)
-    missing = [i for i in ids if not os.path.isfile(os.path.join(img_folder, coco.imgs[i]["file_name"]))]
+    missing = [i for i in ids if not _find_image_file(img_folder, coco.imgs[i])]
     if missing:
         path = os.path.join(img_folder, coco.imgs[missing[0]]["file_name"])
         if 2 * len(missing) > len(ids):  # not a few lost files: the wrong folder, or the wrong file for it
@@ -231,7 +241,54 @@ def _load_coco(img_folder, ann_file, coco=None, allow_paths_outside=False):
             )
         more = f"; {len(missing) - 1} more image files are missing" if len(missing) > 1 else ""
         raise DatasetError(f"{path}: image file not found (image id {missing[0]}, listed in {ann_file}){more}")
+    for image_id in ids:
+        _check_image_header(os.path.join(img_folder, coco.imgs[image_id]["file_name"]), image_id, coco.imgs[image_id],
+                            ann_file)
     return coco, ids
+
+
+def _find_image_file(img_folder, info):
+    """Whether info's file is in img_folder, under its name or under the other Unicode normalization of it (a
+    macOS export writes names decomposed, NFD, on disk and composed, NFC, in the JSON, or the reverse: the same
+    name to the eye); a file found so has info["file_name"] set to the name on disk."""
+    for file_name in dict.fromkeys([info["file_name"], *(unicodedata.normalize(form, info["file_name"])
+                                                         for form in ("NFC", "NFD"))]):
+        if os.path.isfile(os.path.join(img_folder, file_name)):
+            info["file_name"] = file_name
+            return True
+    return False
+
+
+# EXIF orientations that turn the picture by 90 degrees, so that viewers and some annotation tools see it with width
+# and height exchanged.
+_EXIF_ORIENTATION = 0x0112
+_TRANSPOSING_ORIENTATIONS = {5: "transposed", 6: "rotated 90 degrees clockwise", 7: "transversed",
+                             8: "rotated 90 degrees counter-clockwise"}
+
+
+def _check_image_header(path, image_id, info, ann_file):
+    """Compare the size in the image file's header (read without decoding the pixels) with the annotation file's,
+    so that a wrong size stops the run at start-up rather than when the image is first used, mid-epoch."""
+    try:
+        with Image.open(path) as image:
+            size, orientation = image.size, image.getexif().get(_EXIF_ORIENTATION)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise DatasetError(f"{path}: cannot decode image id {image_id}: {shorten(e)}") from None
+    if size != (info["width"], info["height"]):
+        raise DatasetError(size_mismatch_message(path, image_id, size, info, ann_file, orientation))
+
+
+def size_mismatch_message(path, image_id, size, info, ann_file, orientation=None):
+    """The one line for an image whose pixels are not the size its annotation file gives, naming the EXIF
+    orientation where it explains the difference."""
+    message = (f"{path}: image id {image_id} is {size[0]}x{size[1]} pixels but "
+               f"{info.get('annotation_file', ann_file)} says {info['width']}x{info['height']}")
+    if orientation in _TRANSPOSING_ORIENTATIONS and size == (info["height"], info["width"]):
+        message += (f": its EXIF orientation ({orientation}, {_TRANSPOSING_ORIENTATIONS[orientation]}) explains it, "
+                    "the annotation tool used the turned picture while the pixels are used as stored; "
+                    "rotate the file's pixels (e.g. PIL.ImageOps.exif_transpose) and its boxes with them, or "
+                    "re-export the annotations in the stored orientation")
+    return message
 
 
 # Labels equal category ids while the largest id is at most this many times the number of classes, i.e. while at
@@ -427,11 +484,8 @@ class CocoDetection(torch.utils.data.Dataset):
         info = self.coco.imgs[image_id]
         path = os.path.join(self.img_folder, info["file_name"])
         image = load_rgb_image(path, image_id)
-        if image.size != (info["width"], info["height"]):
-            raise DatasetError(
-                f"{path}: image id {image_id} is {image.width}x{image.height} pixels but "
-                f"{info.get('annotation_file', self.ann_file)} says {info['width']}x{info['height']}"
-            )
+        if image.size != (info["width"], info["height"]):  # the file changed since start-up
+            raise DatasetError(size_mismatch_message(path, image_id, image.size, info, self.ann_file))
         rows = slice(self._first[idx], self._first[idx] + self._count[idx])
         target = {
             "boxes": torch.from_numpy(self._boxes[rows].copy()),
