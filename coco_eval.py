@@ -99,6 +99,12 @@ class CocoEvaluator:
         ]
         return [result for result in results if result["category_id"] is not None]
 
+    def category_ids(self, labels):
+        """The category ids of an array of the model's labels; -1 for a label that stands for no category."""
+        if self.category_id_of is None:
+            return labels
+        return np.array([self.category_id_of.get(label, -1) for label in labels.tolist()], dtype=np.int64)
+
     def _load_results(self, results):
         if results:
             return self.coco_gt.loadRes(results)
@@ -254,18 +260,18 @@ class VocEvaluator(CocoEvaluator):
         self.class_names = {cat_id: cat["name"] for cat_id, cat in sorted(coco_gt.cats.items())}
         self.voc_per_class = None  # name -> {"AP_11pt", "AP_area", "positives"} after accumulate()
 
-    def _ground_truth(self, image_id, label):
-        anns = [ann for ann in self.coco_gt.imgToAnns[image_id] if ann["category_id"] == label]
+    def _ground_truth(self, image_id, category_id):
+        anns = [ann for ann in self.coco_gt.imgToAnns[image_id] if ann["category_id"] == category_id]
         boxes = np.array([ann["bbox"] for ann in anns], dtype=np.float64).reshape(-1, 4)
         boxes[:, 2:] += boxes[:, :2]
         return boxes, np.array([bool(ann["difficult"]) for ann in anns], dtype=bool)
 
-    def _class_ap(self, label, image_ids):
+    def _class_ap(self, category_id, image_ids):
         scores, true_positive, false_positive, positives = [], [], [], 0
         for image_id in image_ids:
             boxes, image_scores, labels = self.detections[image_id]
-            mine = labels == label
-            gt_boxes, gt_difficult = self._ground_truth(image_id, label)
+            mine = self.category_ids(labels) == category_id
+            gt_boxes, gt_difficult = self._ground_truth(image_id, category_id)
             positives += int(np.count_nonzero(~gt_difficult))
             xywh = boxes[mine].astype(np.float64)  # stored as COCO results: back to XYXY
             xyxy = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
@@ -287,8 +293,8 @@ class VocEvaluator(CocoEvaluator):
         super().accumulate()
         image_ids = sorted(self.detections)
         self.voc_per_class = {}
-        for label, name in self.class_names.items():
-            result = self._class_ap(label, image_ids)
+        for category_id, name in self.class_names.items():
+            result = self._class_ap(category_id, image_ids)
             if result is not None:
                 self.voc_per_class[name] = result
 

@@ -23,12 +23,15 @@ import io
 import json
 import math
 import os
+import unicodedata
 
 import numpy as np
 import torch
 import torch.utils.data
 from PIL import Image
 from pycocotools.coco import COCO
+
+from models.weights import normalize_class_name
 
 SPLITS = {
     "train": ("train2017", os.path.join("annotations", "instances_train2017.json")),
@@ -79,6 +82,14 @@ def bbox_problem(bbox):
     return None
 
 
+def _whole_number(value):
+    """value as an int where it is a whole number (64.0, as some tools write sizes, which pycocotools and
+    torchvision accept), else as given."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 def _is_category_id(value):
     # Ids are stored in int64 arrays by the evaluation backends; bool is an int subclass but not an id.
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63
@@ -101,9 +112,10 @@ def check_coco_dict(data, ann_file):
             raise DatasetError(f"{ann_file}: image entry {shorten(repr(image), 80)} needs a unique integer id")
         if not isinstance(image.get("file_name"), str):
             raise DatasetError(f'{ann_file}: image id {image_id} has no "file_name"')
-        width, height = image.get("width"), image.get("height")
+        width, height = (_whole_number(image.get(key)) for key in ("width", "height"))
         if not (isinstance(width, int) and isinstance(height, int) and width > 0 and height > 0):
             raise DatasetError(f'{ann_file}: image id {image_id} needs positive integer "width" and "height"')
+        image["width"], image["height"] = width, height
         image_ids.add(image_id)
 
     category_ids = set()
@@ -165,14 +177,23 @@ def usable_boxes(coco, image_ids, label_of, ann_file):
     boxes[:, 2:] += boxes[:, :2]
     boxes[:, 0::2] = boxes[:, 0::2].clip(0, size[:, :1])
     boxes[:, 1::2] = boxes[:, 1::2].clip(0, size[:, 1:])
-    keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    # Judged in float32, the targets' type: a sliver of 1e-9 pixels, or one starting at 63.9999999 in a 64-pixel
+    # image, has positive size in float64 only.
+    boxes = boxes.astype(np.float32)
+    keep = has_positive_size(boxes)
 
     # A stable sort keeps each image's annotations in file order, as pycocotools' getAnnIds returns them.
     order = np.argsort(owner[keep], kind="stable")
     owner = owner[keep][order]
     count = np.bincount(owner, minlength=len(image_ids))
     first = np.cumsum(count) - count
-    return boxes[keep][order].astype(np.float32), labels[keep][order], area[keep][order], first, count
+    return boxes[keep][order], labels[keep][order], area[keep][order], first, count
+
+
+def has_positive_size(boxes):
+    """Which XYXY boxes (numpy or torch, [N, 4]) have x2 > x1 and y2 > y1 (NaN fails): the one test of a usable
+    box, applied to the annotation file's boxes here and to the final training targets by presets.DropUnusableBoxes."""
+    return (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
 
 
 def _label(label_of, ann, ann_file):
@@ -211,7 +232,7 @@ def _load_coco(img_folder, ann_file, coco=None, allow_paths_outside=False):
     ids = sorted(coco.imgs)
     if not allow_paths_outside:
         _check_image_paths(coco, ids, ann_file)
-    missing = [i for i in ids if not os.path.isfile(os.path.join(img_folder, coco.imgs[i]["file_name"]))]
+    missing = [i for i in ids if not _find_image_file(img_folder, coco.imgs[i])]
     if missing:
         path = os.path.join(img_folder, coco.imgs[missing[0]]["file_name"])
         if 2 * len(missing) > len(ids):  # not a few lost files: the wrong folder, or the wrong file for it
@@ -221,7 +242,54 @@ def _load_coco(img_folder, ann_file, coco=None, allow_paths_outside=False):
             )
         more = f"; {len(missing) - 1} more image files are missing" if len(missing) > 1 else ""
         raise DatasetError(f"{path}: image file not found (image id {missing[0]}, listed in {ann_file}){more}")
+    for image_id in ids:
+        _check_image_header(os.path.join(img_folder, coco.imgs[image_id]["file_name"]), image_id, coco.imgs[image_id],
+                            ann_file)
     return coco, ids
+
+
+def _find_image_file(img_folder, info):
+    """Whether info's file is in img_folder, under its name or under the other Unicode normalization of it (a
+    macOS export writes names decomposed, NFD, on disk and composed, NFC, in the JSON, or the reverse: the same
+    name to the eye); a file found so has info["file_name"] set to the name on disk."""
+    for file_name in dict.fromkeys([info["file_name"], *(unicodedata.normalize(form, info["file_name"])
+                                                         for form in ("NFC", "NFD"))]):
+        if os.path.isfile(os.path.join(img_folder, file_name)):
+            info["file_name"] = file_name
+            return True
+    return False
+
+
+# EXIF orientations that turn the picture by 90 degrees, so that viewers and some annotation tools see it with width
+# and height exchanged.
+_EXIF_ORIENTATION = 0x0112
+_TRANSPOSING_ORIENTATIONS = {5: "transposed", 6: "rotated 90 degrees clockwise", 7: "transversed",
+                             8: "rotated 90 degrees counter-clockwise"}
+
+
+def _check_image_header(path, image_id, info, ann_file):
+    """Compare the size in the image file's header (read without decoding the pixels) with the annotation file's,
+    so that a wrong size stops the run at start-up rather than when the image is first used, mid-epoch."""
+    try:
+        with Image.open(path) as image:
+            size, orientation = image.size, image.getexif().get(_EXIF_ORIENTATION)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise DatasetError(f"{path}: cannot decode image id {image_id}: {shorten(e)}") from None
+    if size != (info["width"], info["height"]):
+        raise DatasetError(size_mismatch_message(path, image_id, size, info, ann_file, orientation))
+
+
+def size_mismatch_message(path, image_id, size, info, ann_file, orientation=None):
+    """The one line for an image whose pixels are not the size its annotation file gives, naming the EXIF
+    orientation where it explains the difference."""
+    message = (f"{path}: image id {image_id} is {size[0]}x{size[1]} pixels but "
+               f"{info.get('annotation_file', ann_file)} says {info['width']}x{info['height']}")
+    if orientation in _TRANSPOSING_ORIENTATIONS and size == (info["height"], info["width"]):
+        message += (f": its EXIF orientation ({orientation}, {_TRANSPOSING_ORIENTATIONS[orientation]}) explains it, "
+                    "the annotation tool used the turned picture while the pixels are used as stored; "
+                    "rotate the file's pixels (e.g. PIL.ImageOps.exif_transpose) and its boxes with them, or "
+                    "re-export the annotations in the stored orientation")
+    return message
 
 
 # Labels equal category ids while the largest id is at most this many times the number of classes, i.e. while at
@@ -279,6 +347,66 @@ def build_category_table(cocos):
     identity = ids[0] >= 1 and ids[-1] <= IDENTITY_LABELS_MAX_ID_RATIO * len(ids)
     labels = ids if identity else range(1, len(ids) + 1)
     return {label: {"id": category_id, "name": merged[category_id][0]} for label, category_id in zip(labels, ids)}
+
+
+# Names torchvision's weights give labels that stand for no class.
+_UNNAMED_LABELS = ("__background__", "N/A")
+
+
+def categories_for_evaluation(recorded, data_categories, source):
+    """(category table, note or None): the table through which evaluation maps the model's labels to this data's
+    category ids, given the classes recorded with the weights (models.read_weights_record) and the data's table.
+
+    The weights define what their labels mean: a recorded table {label: {"id", "name"}}, or names alone
+    ({label: name}: older checkpoints, torchvision's weights). Each of this data's categories is the model's class
+    of the same id and name, else the one of the same name (compared as fine-tuning compares them, see
+    models.weights.normalize_class_name), whose label then writes this data's id. A data category that no class
+    matches is a DatasetError naming `source`: the model was trained on other classes. The model's other classes
+    keep their recorded id where this data does not use it (written to detections.json, not evaluated) and are left
+    out otherwise (their id names another class here, or none is recorded). Nothing recorded (a plain state_dict): this data's table is taken on trust. The note says, in one
+    line, whatever is not matched by id and name.
+    """
+    if not recorded:
+        return data_categories, f"{source} records no classes: its labels are taken to be this data's categories"
+    classes = {int(label): entry if isinstance(entry, dict) else {"id": None, "name": str(entry)}
+               for label, entry in recorded.items()}
+    classes = {label: entry for label, entry in classes.items() if label >= 1 and entry["name"] not in _UNNAMED_LABELS}
+    table, renamed = {}, []
+    for data_entry in sorted(data_categories.values(), key=lambda entry: entry["id"]):
+        label = _matching_class(classes, data_entry, source)
+        table[label] = dict(data_entry)
+        if classes[label]["id"] not in (None, data_entry["id"]):  # names alone record no id to differ
+            renamed.append(f"{data_entry['name']!r} {classes[label]['id']}->{data_entry['id']}")
+    data_ids = {entry["id"] for entry in data_categories.values()}
+    unused = {label: entry for label, entry in classes.items() if label not in table}
+    table.update({label: dict(entry) for label, entry in unused.items() if entry["id"] not in (None, *data_ids)})
+    dropped = [repr(entry["name"]) for label, entry in unused.items() if label not in table]
+    not_evaluated = [repr(entry["name"]) for label, entry in unused.items() if label in table]
+    parts = [_listed(renamed, "matched by name, under this data's ids"),
+             _listed(not_evaluated, "not in this data: detections written, not evaluated"),
+             _listed(dropped, "not in this data and without an id of their own here: detections left out")]
+    note = "; ".join(filter(None, parts))
+    return dict(sorted(table.items())), f"{source}: its classes {note}" if note else None
+
+
+def _matching_class(classes, data_entry, source):
+    """The label of the model's class of the data category's id and name, else of its name alone."""
+    for label, entry in classes.items():
+        if entry["id"] == data_entry["id"] and entry["name"] == data_entry["name"]:
+            return label
+    wanted = normalize_class_name(data_entry["name"])
+    same_name = [label for label, entry in classes.items() if normalize_class_name(entry["name"]) == wanted]
+    if len(same_name) == 1:
+        return same_name[0]
+    same_id = [entry["name"] for entry in classes.values() if entry["id"] == data_entry["id"]]
+    there = f"category id {data_entry['id']} is {same_id[0]!r} there" if same_id else \
+        f"no class is named {data_entry['name']!r} there"
+    raise DatasetError(f"{source} was trained on other classes than this data's: {there}, "
+                       f"{data_entry['name']!r} (category id {data_entry['id']}) here")
+
+
+def _listed(items, what):
+    return f"{shorten(', '.join(items), 120)} {what}" if items else ""
 
 
 def _to_rgb(image):
@@ -357,11 +485,8 @@ class CocoDetection(torch.utils.data.Dataset):
         info = self.coco.imgs[image_id]
         path = os.path.join(self.img_folder, info["file_name"])
         image = load_rgb_image(path, image_id)
-        if image.size != (info["width"], info["height"]):
-            raise DatasetError(
-                f"{path}: image id {image_id} is {image.width}x{image.height} pixels but "
-                f"{info.get('annotation_file', self.ann_file)} says {info['width']}x{info['height']}"
-            )
+        if image.size != (info["width"], info["height"]):  # the file changed since start-up
+            raise DatasetError(size_mismatch_message(path, image_id, image.size, info, self.ann_file))
         rows = slice(self._first[idx], self._first[idx] + self._count[idx])
         target = {
             "boxes": torch.from_numpy(self._boxes[rows].copy()),
@@ -380,26 +505,25 @@ def category_labels(categories):
     return {entry["id"]: label for label, entry in categories.items()}
 
 
-class _V2Labels:
-    """The v2 path's first transform: torchvision's wrapper hands over category ids as "labels", and {"image_id"}
-    alone for an image without annotations; this turns the ids into labels and gives such images empty "boxes" and
-    "labels" (a pure negative, as the v1 path gives), then runs `transforms`."""
+class _V2Targets:
+    """The v2 path's first transform: replaces the "boxes" and "labels" torchvision's wrapper made from the raw
+    annotations (crowd boxes included, nothing clamped, category ids as labels, none at all for an image without
+    annotations) by the v1 path's targets (`usable`, usable_boxes' arrays by image id), then runs `transforms`.
+    So both paths train on the same boxes: clamped, crowd ignored, slivers dropped."""
 
-    def __init__(self, label_of, transforms):
-        self.label_of = label_of
+    def __init__(self, usable, transforms):
+        self.boxes, self.labels, self.first, self.count, self.position = usable
         self.transforms = transforms
 
     def __call__(self, image, target):
         from torchvision import tv_tensors
         from torchvision.transforms.v2 import functional as F
 
-        if "boxes" in target:
-            labels = [self.label_of[category_id] for category_id in target["labels"].tolist()]
-        else:
-            canvas_size = tuple(F.get_size(image))
-            target["boxes"] = tv_tensors.BoundingBoxes(torch.zeros(0, 4), format="XYXY", canvas_size=canvas_size)
-            labels = []
-        target["labels"] = torch.tensor(labels, dtype=torch.int64)
+        index = self.position[target["image_id"]]
+        rows = slice(self.first[index], self.first[index] + self.count[index])
+        target["boxes"] = tv_tensors.BoundingBoxes(torch.from_numpy(self.boxes[rows].copy()), format="XYXY",
+                                                   canvas_size=tuple(F.get_size(image)))
+        target["labels"] = torch.from_numpy(self.labels[rows].copy())
         return (image, target) if self.transforms is None else self.transforms(image, target)
 
 
@@ -407,21 +531,20 @@ def _get_coco_v2(img_folder, ann_file, transforms, drop_images_without_boxes, ca
                  allow_paths_outside=False):
     """torchvision's own dataset and v2 wrapper, as torchvision's references use with --use-v2.
 
-    Its targets differ from CocoDetection above: crowd annotations stay as ordinary boxes, boxes are neither
-    clamped nor filtered here (transforms.v2.SanitizeBoundingBoxes later drops those under 1 pixel, while v1 keeps
-    sub-pixel boxes) and there is no "area"/"iscrowd". Labels follow the same category table as v1, and training
-    images are filtered by the same rule, so both paths see the same images.
+    Its "boxes" and "labels" are CocoDetection's above (clamped, crowd annotations ignored, slivers dropped, labels
+    of the same category table, see _V2Targets); there is no "area"/"iscrowd". Training images are filtered by the
+    same rule, so both paths see the same images and targets.
     """
     import torchvision
 
     coco, ids = _load_coco(img_folder, ann_file, coco, allow_paths_outside)
     if categories is None:
         categories = build_category_table({ann_file: coco})
-    label_of = category_labels(categories)
-    count = usable_boxes(coco, ids, label_of, ann_file)[4]
+    boxes, labels, _, first, count = usable_boxes(coco, ids, category_labels(categories), ann_file)
+    usable = boxes, labels, first, count, {image_id: index for index, image_id in enumerate(ids)}
     # No annotation file for torchvision to read: it gets the validated copy (with "area"/"iscrowd" filled in where
     # the file omits them, which pycocotools' evaluation needs) so both paths evaluate against the same ground truth.
-    dataset = torchvision.datasets.CocoDetection(img_folder, None, transforms=_V2Labels(label_of, transforms))
+    dataset = torchvision.datasets.CocoDetection(img_folder, None, transforms=_V2Targets(usable, transforms))
     dataset.coco = coco
     dataset.ids = ids
     dataset.categories = categories
@@ -539,6 +662,18 @@ def get_categories(dataset, coco_gt=None):
         return unwrapped.categories
     cats = (coco_gt or get_coco_api_from_dataset(dataset)).cats
     return {category_id: {"id": category_id, "name": cat["name"]} for category_id, cat in sorted(cats.items())}
+
+
+def get_image_file(dataset, image_id):
+    """The image file of `image_id` in a dataset made by get_coco or get_voc (also inside Subsets); None for other
+    datasets."""
+    unwrapped = _unwrap(dataset)
+    coco = getattr(unwrapped, "coco", None)
+    # Our CocoDetection names its folder img_folder; torchvision's, behind the v2 wrapper, root.
+    folder = getattr(unwrapped, "img_folder", None) or getattr(unwrapped, "root", None)
+    if not isinstance(coco, COCO) or folder is None or image_id not in coco.imgs:
+        return None
+    return os.path.join(folder, coco.imgs[image_id]["file_name"])
 
 
 def get_annotation_file(dataset):

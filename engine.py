@@ -4,9 +4,10 @@ import time
 
 import torch
 
+import models
 import utils
 from coco_eval import CocoEvaluator, VocEvaluator
-from coco_utils import get_categories, get_coco_api_from_dataset
+from coco_utils import DatasetError, get_categories, get_coco_api_from_dataset, get_image_file
 from voc_utils import is_voc
 
 
@@ -77,7 +78,10 @@ def train_one_epoch(model, optimizer, data_loader, device, epoch, print_freq, sc
         targets = [{k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in t.items()}
                    for t in targets]
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            loss_dict = model(images, targets)
+            try:
+                loss_dict = model(images, targets)
+            except models.TargetError as error:
+                raise refused_target_error(data_loader.dataset, int(targets[error.index]["image_id"]), error) from None
             losses = sum(loss_dict.values())
 
         # Every rank sees the same averaged losses and stop signal (one collective call), so all ranks stop
@@ -113,23 +117,30 @@ def train_one_epoch(model, optimizer, data_loader, device, epoch, print_freq, sc
     return {**means, "lr": optimizer.param_groups[0]["lr"]}
 
 
-def make_evaluator(dataset, coco_backend="pycocotools"):
+def refused_target_error(dataset, image_id, error):
+    """The one-line DatasetError for a training target the model refused, naming its image id and file."""
+    path = get_image_file(dataset, image_id)
+    return DatasetError(f"{path or 'image'}: image id {image_id}: the model refuses its training target: {error}")
+
+
+def make_evaluator(dataset, coco_backend="pycocotools", categories=None):
     """The evaluator for a dataset's ground truth (one interface: update, synchronize_between_processes,
-    accumulate, summarize, metrics, coco_results): COCO's, plus the VOC devkit's AP for Pascal VOC."""
+    accumulate, summarize, metrics, coco_results): COCO's, plus the VOC devkit's AP for Pascal VOC. categories:
+    the model's category table (default: the dataset's)."""
     coco_gt = get_coco_api_from_dataset(dataset)
     evaluator_class = VocEvaluator if is_voc(coco_gt) else CocoEvaluator
     # The category table maps the model's labels back to the annotation file's category ids.
-    return evaluator_class(coco_gt, backend=coco_backend, categories=get_categories(dataset, coco_gt))
+    return evaluator_class(coco_gt, backend=coco_backend, categories=categories or get_categories(dataset, coco_gt))
 
 
 @torch.inference_mode()
-def detect(model, data_loader, device, coco_backend="pycocotools", amp_dtype=None):
+def detect(model, data_loader, device, coco_backend="pycocotools", amp_dtype=None, categories=None):
     """Run the model over data_loader's dataset (all ranks); returns its evaluator holding every rank's detections,
-    ready for accumulate() or coco_results()."""
+    ready for accumulate() or coco_results(). categories: the model's category table (default: the dataset's)."""
     model.eval()
     metric_logger = utils.MetricLogger(delimiter="  ")
     header = "Test:"
-    evaluator = make_evaluator(data_loader.dataset, coco_backend)
+    evaluator = make_evaluator(data_loader.dataset, coco_backend, categories)
 
     for images, targets in metric_logger.log_every(data_loader, 100, header):
         images = [image.to(device, non_blocking=True) for image in images]

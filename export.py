@@ -31,7 +31,7 @@ import cli
 import coco_utils
 import models
 import safe_io
-from models.postprocess import match_detections
+from models.postprocess import pair_detections, worst_differences
 
 INPUT_NAMES = ["images"]
 OUTPUT_NAMES = ["boxes", "scores", "labels", "num_detections"]
@@ -142,12 +142,9 @@ def check_against_pytorch(references, output, batch):
         count = int(counts[index])
         candidate = {"boxes": torch.from_numpy(boxes[index, :count]), "scores": torch.from_numpy(scores[index, :count]),
                      "labels": torch.from_numpy(labels[index, :count])}
-        matched, worst_box, worst_score = match_detections(reference, candidate, BOX_TOLERANCE, SCORE_TOLERANCE)
-        same = matched == len(reference["boxes"]) == count
+        same, line = compare_detections(reference, candidate)
         all_match &= same
-        print(f"image {index}: PyTorch {len(reference['boxes'])} detections, ONNX {count}, matched {matched}; "
-              f"max |box diff| {worst_box:.1e} px, max |score diff| {worst_score:.1e} "
-              f"-> {'OK' if same else 'MISMATCH'}")
+        print(f"image {index}: {line}")
     return all_match
 
 
@@ -164,6 +161,32 @@ def opset_version(text):
     if newest is None:
         raise argparse.ArgumentTypeError("export.py needs the optional package 'onnx': pip install onnx")
     return cli.whole_number(MIN_OPSET, newest)(text)
+
+
+def compare_detections(reference, candidate):
+    """(same, one-line report) for one image's PyTorch and ONNX detections. Each detection must pair with one of the
+    same label, box and score; where several detections tie in score (a uniform image gives many), NMS and the
+    detections-per-image cut may keep different members of the tie, so unpaired detections on the two sides count
+    as the same when their scores pair up as ties (sorted, each within SCORE_TOLERANCE)."""
+    pairs, box_difference, score_difference = pair_detections(reference, candidate, BOX_TOLERANCE, SCORE_TOLERANCE)
+    unpaired = [unpaired_tied_scores(side["scores"], {pair[which] for pair in pairs})
+                for which, side in enumerate((reference, candidate))]
+    tied = None not in unpaired and len(unpaired[0]) == len(unpaired[1]) and all(
+        abs(a - b) <= SCORE_TOLERANCE for a, b in zip(*unpaired))
+    worst_box, worst_score = worst_differences(pairs, box_difference, score_difference)
+    ties = f", {len(unpaired[0])} others tied in score" if tied and unpaired[0] else ""
+    return tied, (f"PyTorch {len(reference['scores'])} detections, ONNX {len(candidate['scores'])}, matched "
+                  f"{len(pairs)}{ties}; max |box diff| {worst_box:.1e} px, max |score diff| {worst_score:.1e} "
+                  f"-> {'OK' if tied else 'MISMATCH'}")
+
+
+def unpaired_tied_scores(scores, paired):
+    """The sorted scores of the detections not in paired (row numbers), or None where one of them ties with no
+    other detection of its own side: a detection that is not one of several equal scores has no excuse."""
+    unpaired = [row for row in range(len(scores)) if row not in paired]
+    if any(((scores - scores[row]).abs() <= SCORE_TOLERANCE).sum() < 2 for row in unpaired):
+        return None
+    return sorted(scores[unpaired].tolist())
 
 
 def get_args_parser():

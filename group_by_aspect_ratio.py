@@ -14,37 +14,47 @@ from torch.utils.data.sampler import BatchSampler, Sampler
 
 
 class GroupedBatchSampler(BatchSampler):
-    """Wraps a sampler to yield batches whose elements all share a group id, in the sampler's order as far as
-    possible. To keep len(self) == len(sampler) // batch_size, the last batches of an epoch are completed with
-    elements already seen in their group (largest leftover groups first), so a few elements repeat."""
+    """Wraps a sampler to yield batches whose elements share a group id, in the sampler's order, and every element
+    of an epoch exactly once.
 
-    def __init__(self, sampler, group_ids, batch_size):
+    As in torchvision, a batch is yielded as soon as a group has batch_size elements. Unlike torchvision, whose
+    last batches repeat elements of the largest leftover groups and leave out the smaller ones (a group smaller than
+    a batch, such as a few portrait photos among landscape ones, was never trained on), the leftovers of every group
+    are then packed, group after group in order of group id, into batches of batch_size, the last one partial: the
+    only batches that may mix groups. So len(self) == ceil(len(sampler) / batch_size), the same for every epoch and,
+    under a DistributedSampler, for every rank. A last batch below min_batch_size (a model whose BatchNorm needs two
+    images) is completed with elements already seen in its last group.
+    """
+
+    def __init__(self, sampler, group_ids, batch_size, min_batch_size=1):
         if not isinstance(sampler, Sampler):
             raise ValueError(f"sampler should be an instance of torch.utils.data.Sampler, but got sampler={sampler}")
         self.sampler = sampler
         self.group_ids = group_ids
         self.batch_size = batch_size
+        self.min_batch_size = min_batch_size
 
     def __iter__(self):
         pending = defaultdict(list)
         seen = defaultdict(list)
-        num_batches = 0
         for idx in self.sampler:
             group = self.group_ids[idx]
             pending[group].append(idx)
             seen[group].append(idx)
             if len(pending[group]) == self.batch_size:
                 yield pending.pop(group)
-                num_batches += 1
 
-        leftovers = sorted(pending.items(), key=lambda item: len(item[1]), reverse=True)
-        for group, batch in leftovers[: len(self) - num_batches]:
-            missing = self.batch_size - len(batch)
-            repeats = -(-missing // len(seen[group]))  # ceil
-            yield batch + (seen[group] * repeats)[:missing]
+        leftovers = [idx for group in sorted(pending) for idx in pending[group]]
+        for start in range(0, len(leftovers), self.batch_size):
+            batch = leftovers[start:start + self.batch_size]
+            missing = self.min_batch_size - len(batch)
+            if missing > 0:
+                group_seen = seen[self.group_ids[batch[-1]]]
+                batch += (group_seen * -(-missing // len(group_seen)))[:missing]
+            yield batch
 
     def __len__(self):
-        return len(self.sampler) // self.batch_size
+        return -(-len(self.sampler) // self.batch_size)  # ceil
 
 
 def compute_aspect_ratios(dataset, indices=None):

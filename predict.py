@@ -7,7 +7,7 @@ all detections of the run in one detections.json.
 
 Inputs are image files or folders (searched recursively). A picture keeps the input's path relative to its folder
 argument; names that would collide get a numeric suffix. The output folder may lie inside an input folder (it is
-not searched) but must not be, or hold, an input, nor hold files of the same names that an earlier predict.py run
+not searched, nor is any folder an earlier predict.py run wrote) but must not be, or hold, an input, nor hold files of the same names that an earlier predict.py run
 there did not write (its detections.json lists what it wrote): such a folder is refused rather than write over the
 user's files. Images are
 decoded exactly as training decodes them (coco_utils.load_rgb_image: EXIF orientation ignored, transparency on
@@ -65,8 +65,14 @@ def find_images(inputs, output_dir):
 
 
 def walk_images(folder, skip):
+    """The image files under folder, sorted, outside the folder skip (this run's output) and outside any folder an
+    earlier predict.py run wrote (its detections.json lists its pictures): its pictures with boxes drawn on them
+    are no inputs. A skipped earlier output is named on stderr."""
     for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if os.path.abspath(os.path.join(root, d)) != skip)
+        earlier = sorted(d for d in dirs if earlier_outputs(os.path.join(root, d)))
+        for name in earlier:
+            print(f"skipping folder {os.path.join(root, name)}: an earlier predict.py run's output", file=sys.stderr)
+        dirs[:] = sorted(d for d in dirs if os.path.abspath(os.path.join(root, d)) != skip and d not in earlier)
         for name in sorted(files):
             if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
                 yield os.path.join(root, name)

@@ -48,7 +48,10 @@ def check_output_dir(args):
     run_files = sorted(name for name in os.listdir(args.output_dir) if RUN_FILE_PATTERN.fullmatch(name))
     resuming_this_run = bool(args.resume) and safe_io.same_file(os.path.dirname(os.path.abspath(args.resume)),
                                                                 args.output_dir)
-    if args.test_only or not run_files or resuming_this_run:
+    if args.test_only:
+        check_no_earlier_evaluation(args, run_files)
+        return
+    if not run_files or resuming_this_run:
         return
     existing = os.path.join(args.output_dir, CHECKPOINT_NAME)
     if not args.resume and CHECKPOINT_NAME in run_files:
@@ -58,6 +61,16 @@ def check_output_dir(args):
     resuming = f" (--resume {args.resume} is another run's checkpoint)" if args.resume else ""
     raise ConfigError(f"--output-dir {args.output_dir} holds another run's files ({shown}){resuming}: "
                       "choose an empty or new --output-dir")
+
+
+def check_no_earlier_evaluation(args, run_files):
+    """An evaluation folder never holds the files of two evaluations: --test-only and --format-only refuse a
+    folder that already holds detections.json or metrics.json, which they would replace (one of them, with
+    --format-only) without having written them."""
+    earlier = [name for name in (DETECTIONS_NAME, METRICS_NAME) if name in run_files]
+    if earlier:
+        raise ConfigError(f"--output-dir {args.output_dir} already holds an evaluation's {' and '.join(earlier)}: "
+                          "choose an empty or new --output-dir (or move those files away)")
 
 
 def take_output_dir(args):
@@ -82,6 +95,7 @@ def read_resume_checkpoint(args):
     args.resume = resolve_resume(args)
     checkpoint = load_resume_checkpoint(args) if args.resume else None
     if args.test_only:
+        check_something_to_evaluate(args, auto_resume)
         return checkpoint, False
     if checkpoint is not None:
         args.start_epoch = checkpoint["epoch"] + 1
@@ -91,6 +105,18 @@ def read_resume_checkpoint(args):
             return checkpoint, True
     check_epochs_left(args)
     return checkpoint, False
+
+
+def check_something_to_evaluate(args, auto_resume):
+    """--test-only evaluates given weights: a model of random weights would write a metrics.json that looks like
+    any other, so evaluating without --weights or --resume, or after --resume auto found nothing, is refused."""
+    if args.resume or args.weights:
+        return
+    if auto_resume:
+        raise ConfigError(f"--test-only --resume auto: no {os.path.join(args.output_dir, CHECKPOINT_NAME)} to "
+                          "evaluate; give the checkpoint (--resume FILE) or the weights (--weights)")
+    raise ConfigError("--test-only needs the model to evaluate: --weights (a file or a torchvision weights name) "
+                      "or --resume CHECKPOINT")
 
 
 def resolve_resume(args):
@@ -105,7 +131,8 @@ def resolve_resume(args):
     candidate = os.path.join(args.output_dir, CHECKPOINT_NAME)
     found = utils.broadcast_object(os.path.isfile(candidate) if utils.is_main_process() else None)
     if not found:
-        print(f"--resume auto: no {candidate}, starting fresh")
+        if not args.test_only:
+            print(f"--resume auto: no {candidate}, starting fresh")
         return ""
     print(f"--resume auto: continuing from {candidate}")
     if args.weights:
@@ -305,15 +332,30 @@ def draw_curves(output_dir):
         print(f"warning: curves.png not drawn from {log_path}: {cli.one_line(error)}", file=sys.stderr)
 
 
-def write_evaluation_files(args, dataset, evaluator, metrics):
-    """detections.json (COCO results format) and, when evaluated, metrics.json, both written atomically."""
+def evaluated_weights(args, checkpoint):
+    """What metrics.json names as evaluated, by content as well as by path, read before the evaluation starts: the
+    file's SHA-256 (a run folder's checkpoint.pth is replaced every epoch of a resumed run) and, for --resume, the
+    checkpoint's epoch. A torchvision weights name is its own identity (torchvision checks the file's hash)."""
+    path = args.resume or args.weights
+    key = "checkpoint" if args.resume else "weights"
+    if not os.path.isfile(path):
+        return {key: path}
+    identity = {key: path, "sha256": safe_io.sha256_of_file(path)}
+    if checkpoint is not None:
+        identity["epoch"] = checkpoint["epoch"]
+    return identity
+
+
+def write_evaluation_files(args, dataset, evaluator, metrics, weights_identity):
+    """detections.json (COCO results format) and, when evaluated, metrics.json, both written atomically.
+    weights_identity: evaluated_weights' record of what was evaluated."""
     detections_path = os.path.join(args.output_dir, DETECTIONS_NAME)
     safe_io.write_text_atomic(detections_path, json.dumps(evaluator.coco_results()))
     print(f"wrote {detections_path}")
     if metrics is None:
         return
     evaluated = {
-        "checkpoint" if args.resume else "weights": args.resume or args.weights,
+        **weights_identity,
         "annotation_file": coco_utils.get_annotation_file(dataset),
         "images": len(dataset),
         "model": args.model,

@@ -8,6 +8,7 @@ module's; command-line checks of flag values are in cli.py.
 """
 import contextlib
 import datetime
+import hashlib
 import json
 import os
 import re
@@ -265,3 +266,12 @@ def read_jsonl_lines(path):
                 if isinstance(record, dict):
                     lines.append((record, line.rstrip("\n")))
     return lines
+
+
+def sha256_of_file(path, chunk_size=1 << 20):
+    """The hex SHA-256 of a file's bytes, read in chunks (a checkpoint can be hundreds of megabytes)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(chunk_size), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

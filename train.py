@@ -290,7 +290,8 @@ def validate_voc_args(args):
 def get_transform(is_train, args):
     if is_train:
         return presets.DetectionPresetTrain(
-            data_augmentation=args.data_augmentation, backend=args.backend, use_v2=args.use_v2
+            data_augmentation=args.data_augmentation, backend=args.backend, use_v2=args.use_v2,
+            input_size=models.INPUT_SIZES[args.model],
         )
     return presets.DetectionPresetEval(backend=args.backend, use_v2=args.use_v2)
 
@@ -378,7 +379,8 @@ def build_train_loader(dataset, args):
     )
     if args.aspect_ratio_group_factor >= 0:
         group_ids = create_aspect_ratio_groups(dataset, k=args.aspect_ratio_group_factor)
-        batch_sampler = GroupedBatchSampler(sampler, group_ids, args.batch_size)
+        batch_sampler = GroupedBatchSampler(sampler, group_ids, args.batch_size,
+                                            min_batch_size=MIN_TRAIN_BATCH_SIZE.get(args.model, 1))
     else:
         batch_sampler = torch.utils.data.BatchSampler(sampler, args.batch_size, drop_last=True)
     if len(batch_sampler) == 0:
@@ -490,14 +492,18 @@ def train_or_evaluate(args, held_for_the_run):
     print("Loading data")
     prepare_data_root(args)
     dataset, dataset_test = get_datasets(args)
-    num_classes = coco_utils.get_num_classes(dataset_test)
     categories = coco_utils.get_categories(dataset_test)
-    if resume_checkpoint is not None:
+    num_classes = max(categories) + 1
+    if args.test_only:
+        categories, num_classes = evaluated_categories(args, resume_checkpoint, categories)
+        writes = args.output_dir and utils.is_main_process()
+        weights_identity = run_folder.evaluated_weights(args, resume_checkpoint) if writes else None
+    elif resume_checkpoint is not None:
         run_folder.check_resume_categories(args, resume_checkpoint, categories)
     data_loader_test = build_eval_loader(dataset_test, args)
 
     print("Creating model")
-    model = build_model(args, num_classes, coco_utils.get_category_names(dataset_test), device, resume_checkpoint)
+    model = build_model(args, num_classes, models.class_names(categories), device, resume_checkpoint)
     model_without_ddp = model
     if args.distributed:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[args.gpu] if device.type == "cuda" else None)
@@ -505,7 +511,7 @@ def train_or_evaluate(args, held_for_the_run):
     amp_dtype, scaler = amp_setup(args, device)
 
     if args.test_only:
-        evaluate_only(args, model, data_loader_test, device, amp_dtype)
+        evaluate_only(args, model, data_loader_test, device, amp_dtype, categories, weights_identity)
         utils.finish_distributed()
         return
 
@@ -561,14 +567,30 @@ def set_up_randomness(args, device):
         torch.backends.cudnn.benchmark = True  # SSD inputs have one fixed size
 
 
-def evaluate_only(args, model, data_loader_test, device, amp_dtype):
+def evaluated_categories(args, resume_checkpoint, data_categories):
+    """--test-only: (category table, number of classes) of the evaluated weights (--resume or --weights), whose
+    labels mean what they were trained for, matched with the data's (coco_utils.categories_for_evaluation)."""
+    if resume_checkpoint is not None:
+        recorded, source = resume_checkpoint.get("categories") or {}, f"--resume {args.resume}"
+    else:
+        recorded, source = models.read_weights_record(args.weights)[1], f"--weights {args.weights}"
+    table, note = coco_utils.categories_for_evaluation(recorded, data_categories, source)
+    if note:
+        print(note)
+    # Every recorded label has its rows in the classifier, also those left out of the table.
+    return table, max(map(int, recorded or table)) + 1
+
+
+def evaluate_only(args, model, data_loader_test, device, amp_dtype, categories, weights_identity):
     """--test-only: detections of the whole validation set, their evaluation (unless --format-only) and, on rank
-    0, detections.json and metrics.json in --output-dir."""
+    0, detections.json and metrics.json in --output-dir. categories: the evaluated model's table, which maps its
+    labels to the data's category ids; weights_identity: what metrics.json names as evaluated."""
     torch.backends.cudnn.deterministic = True
-    evaluator = engine.detect(model, data_loader_test, device, coco_backend=args.coco_backend, amp_dtype=amp_dtype)
+    evaluator = engine.detect(model, data_loader_test, device, coco_backend=args.coco_backend, amp_dtype=amp_dtype,
+                              categories=categories)
     metrics = None if args.format_only else engine.evaluate_detections(evaluator)
     if args.output_dir and utils.is_main_process():
-        run_folder.write_evaluation_files(args, data_loader_test.dataset, evaluator, metrics)
+        run_folder.write_evaluation_files(args, data_loader_test.dataset, evaluator, metrics, weights_identity)
 
 
 USER_ERRORS = (ConfigError, coco_utils.DatasetError, models.WeightsError, models.CompileError,

@@ -31,7 +31,9 @@ def _as_tensor(image):
         raise TypeError(f"expected a PIL image or a CHW tensor, got {type(image).__name__}")
     array = np.asarray(image)
     array = array[:, :, None] if array.ndim == 2 else array
-    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+    # np.array copies always: ascontiguousarray would hand back PIL's read-only buffer where the transpose is
+    # already contiguous (a 1x1 image), and torch warns about a non-writable array.
+    return torch.from_numpy(np.array(array.transpose(2, 0, 1), order="C"))
 
 
 def _to_float32(image):

@@ -5,10 +5,11 @@ import torch
 
 from .compile import CompileError, compile_network
 from . import ssd, ssdlite
-from .ssd import SSD, ssd300_vgg16
-from .ssd512 import ssd512_vgg16
-from .ssdlite import ssdlite320_mobilenet_v3_large
-from .weights import WeightsError, class_names, load_checkpoint_file, load_model_state, read_weights_metadata
+from .ssd import SSD, SSD300_INPUT_SIZE, TargetError, ssd300_vgg16
+from .ssd512 import SSD512_INPUT_SIZE, ssd512_vgg16
+from .ssdlite import SSDLITE320_INPUT_SIZE, ssdlite320_mobilenet_v3_large
+from .weights import (WeightsError, class_names, load_checkpoint_file, load_model_state, read_weights_metadata,
+                      read_weights_record)
 
 _BUILDERS = {
     "ssd300_vgg16": ssd300_vgg16,
@@ -18,6 +19,9 @@ _BUILDERS = {
 # The most backbone stages trainable_backbone_layers can name, per model.
 TRAINABLE_LAYERS = {"ssd300_vgg16": ssd.TRAINABLE_LAYERS, "ssd512_vgg16": ssd.TRAINABLE_LAYERS,  # one VGG16 trunk
                     "ssdlite320_mobilenet_v3_large": ssdlite.TRAINABLE_LAYERS}
+# The (H, W) each model resizes its images to, known before a model is built (the training transforms need it).
+INPUT_SIZES = {"ssd300_vgg16": SSD300_INPUT_SIZE, "ssd512_vgg16": SSD512_INPUT_SIZE,
+               "ssdlite320_mobilenet_v3_large": SSDLITE320_INPUT_SIZE}
 
 # Where channels_last was measured faster than the default layout, A/B on the models as our scripts run them (the
 # figures, machines and dates are in docs/performance.md, "Memory format"): on CPU, inference of both models and an
@@ -34,8 +38,10 @@ _CHANNELS_LAST = {  # (device kind, training) -> model names
 }
 
 __all__ = [
-    "SSD", "TRAINABLE_LAYERS", "CompileError", "WeightsError", "class_names", "compile_network", "get_model", "list_models",
+    "INPUT_SIZES", "SSD", "TRAINABLE_LAYERS", "TargetError", "CompileError", "WeightsError", "class_names",
+    "compile_network", "get_model", "list_models",
     "load_checkpoint_file", "load_detector", "load_model_state", "prefers_channels_last", "read_weights_metadata",
+    "read_weights_record",
     *_BUILDERS,
 ]
 

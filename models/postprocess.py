@@ -224,17 +224,29 @@ def match_detections(reference, candidate, box_tolerance, score_tolerance):
     at most box_tolerance pixels (largest coordinate difference) and scores by at most score_tolerance; near-tied
     scores may come out in another order. Returns (paired count, largest box difference, largest score difference)
     over the pairs. For checking that two implementations (or an export) give the same detections."""
+    pairs, box_difference, score_difference = pair_detections(reference, candidate, box_tolerance, score_tolerance)
+    return len(pairs), *worst_differences(pairs, box_difference, score_difference)
+
+
+def worst_differences(pairs, box_difference, score_difference):
+    """(largest box difference, largest score difference) over the pairs of pair_detections; 0 without pairs."""
+    worst_box = max((box_difference[row, column].item() for row, column in pairs), default=0.0)
+    worst_score = max((score_difference[row, column].item() for row, column in pairs), default=0.0)
+    return worst_box, worst_score
+
+
+def pair_detections(reference, candidate, box_tolerance, score_tolerance):
+    """The pairs (reference row, candidate row) of match_detections, with the [R, C] box and score differences."""
     box_difference = (reference["boxes"][:, None] - candidate["boxes"][None]).abs().amax(dim=-1)
     score_difference = (reference["scores"][:, None] - candidate["scores"][None]).abs()
     compatible = (reference["labels"][:, None] == candidate["labels"][None]) & (box_difference <= box_tolerance)
     compatible &= score_difference <= score_tolerance
     taken = torch.zeros(len(candidate["boxes"]), dtype=torch.bool)
-    worst_box, worst_score = 0.0, 0.0
+    pairs = []
     for row in range(len(reference["boxes"])):
         options = (compatible[row] & ~taken).nonzero().flatten()
         if len(options):
             best = options[box_difference[row, options].argmin()]
             taken[best] = True
-            worst_box = max(worst_box, box_difference[row, best].item())
-            worst_score = max(worst_score, score_difference[row, best].item())
-    return int(taken.sum()), worst_box, worst_score
+            pairs.append((row, int(best)))
+    return pairs, box_difference, score_difference

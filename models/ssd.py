@@ -20,6 +20,16 @@ from .builders import check_options, freeze_stages, load_planned_weights, plan_w
 from .weights import load_model_state, load_weights
 
 
+
+class TargetError(ValueError):
+    """A training target the model refuses; `index` is its position in the batch, so that the caller can name the
+    image it came from."""
+
+    def __init__(self, index, message):
+        super().__init__(message)
+        self.index = index
+
+
 class SSD(nn.Module):
     """Single-shot detector: backbone feature maps -> per-anchor class logits and box regression.
 
@@ -132,8 +142,8 @@ class SSD(nn.Module):
         bad = find_bad_box(boxes, labels, valid, self.num_classes)
         if bad is not None:
             image, index = bad
-            raise ValueError(
-                f"target {image}: box {index} {targets[image]['boxes'][index].tolist()} with label "
+            raise TargetError(
+                image, f"target {image}: box {index} {targets[image]['boxes'][index].tolist()} with label "
                 f"{int(targets[image]['labels'][index])} is invalid: boxes need x2 > x1 and y2 > y1 (after "
                 f"resizing to {self.size}) and labels need 0 <= label < num_classes = {self.num_classes}"
             )
@@ -326,6 +336,9 @@ def ssd300_extra_blocks() -> list[nn.Module]:
     ]
 
 
+SSD300_INPUT_SIZE = (300, 300)  # (H, W) every image is resized to
+
+
 def ssd300_vgg16(
     *, weights=None, weights_backbone=None, num_classes=None, trainable_backbone_layers=None, class_names=None,
     **options
@@ -343,7 +356,7 @@ def ssd300_vgg16(
         steps=[8, 16, 32, 64, 100, 300],
     )
     return build_vgg16_ssd(
-        "ssd300_vgg16", (300, 300), anchor_generator, ssd300_extra_blocks,
+        "ssd300_vgg16", SSD300_INPUT_SIZE, anchor_generator, ssd300_extra_blocks,
         WeightsRequest(weights, weights_backbone, num_classes, trainable_backbone_layers, class_names), options,
     )
 

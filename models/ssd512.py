@@ -53,6 +53,9 @@ def ssd512_default_boxes(sizes: str = "coco") -> DefaultBoxes:
     return DefaultBoxes(SSD512_ASPECT_RATIOS, scales=scales, steps=SSD512_STEPS, clip=False)
 
 
+SSD512_INPUT_SIZE = (512, 512)  # (H, W) every image is resized to: the paper's SSD512
+
+
 def ssd512_vgg16(
     *, weights=None, weights_backbone=None, num_classes=None, trainable_backbone_layers=None, class_names=None,
     default_boxes="coco", **options
@@ -68,7 +71,7 @@ def ssd512_vgg16(
     """
     check_options("ssd512_vgg16", options)
     return build_vgg16_ssd(
-        "ssd512_vgg16", (512, 512), ssd512_default_boxes(default_boxes), ssd512_extra_blocks,
+        "ssd512_vgg16", SSD512_INPUT_SIZE, ssd512_default_boxes(default_boxes), ssd512_extra_blocks,
         WeightsRequest(weights, weights_backbone, num_classes, trainable_backbone_layers, class_names), options,
         donors=("ssd300_vgg16",),
     )

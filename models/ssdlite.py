@@ -75,6 +75,7 @@ class MobileNetV3Extractor(nn.Module):
         return outputs
 
 
+SSDLITE320_INPUT_SIZE = (320, 320)  # (H, W) every image is resized to
 # The stem, MobileNetV3-Large's four resolution-halving blocks and its last layer: the most trainable_backbone_layers
 # can name (torchvision's).
 TRAINABLE_LAYERS = 6
@@ -126,7 +127,7 @@ def ssdlite320_mobilenet_v3_large(
         extractor,
         SSDHead(extractor.out_channels, num_anchors, plan.num_classes, make_predictor=_prediction_block),
         anchor_generator,
-        size=(320, 320),
+        size=SSDLITE320_INPUT_SIZE,
         num_classes=plan.num_classes,
         **{
             "score_thresh": 0.001,

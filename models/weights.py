@@ -113,13 +113,22 @@ def read_weights_metadata(spec) -> tuple[str | None, dict[int, str], dict]:
     """(model name or None, {label: class name}, {builder option: value}) recorded with weights `spec`, a
     checkpoint file or one of torchvision's weights names, read without building a model. A plain state_dict
     records none of them; the options are those of SAVED_BUILDER_OPTIONS the checkpoint's args set."""
+    model_name, categories, options = read_weights_record(spec)
+    return model_name, class_names(categories), options
+
+
+def read_weights_record(spec) -> tuple[str | None, dict, dict]:
+    """(model name or None, the classes as recorded, {builder option: value}) of weights `spec`, read without
+    building a model: a checkpoint's "categories" as stored (the category table {label: {"id", "name"}}, or the
+    older {label: name}), torchvision's names {label: name} ("__background__" at 0, "N/A" at unused labels), {}
+    where nothing is recorded (a plain state_dict)."""
     if isinstance(spec, os.PathLike) or _looks_like_path(spec):
         checkpoint = load_checkpoint_file(spec)
         if not isinstance(checkpoint.get("model"), dict):
             return None, {}, {}
         args = checkpoint.get("args") or {}
         options = {name: args[name] for name in SAVED_BUILDER_OPTIONS if args.get(name) is not None}
-        return args.get("model"), class_names(checkpoint.get("categories")), options
+        return args.get("model"), dict(checkpoint.get("categories") or {}), options
     try:
         weights = torchvision.models.get_weight(spec)
     except (ValueError, KeyError):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch.utils.data import RandomSampler, SequentialSampler, Subset
+from torch.utils.data import DistributedSampler, RandomSampler, SequentialSampler, Subset
 
 import coco_utils
 import group_by_aspect_ratio
@@ -157,9 +157,12 @@ def test_v2_path_uses_torchvision_wrapper_with_the_same_images(coco_root, capsys
     image, target = train[0]
     assert type(image) is torch.Tensor and image.dtype == torch.uint8 and target["labels"].dtype == torch.int64
     val = coco_utils.get_coco(coco_root, "val", presets.DetectionPresetEval(use_v2=True), use_v2=True)
-    image, target = val[0]
-    # v2 keeps the crowd box and does not clamp: the documented v1/v2 difference
-    assert target["boxes"].tolist() == [[2, 3, 12, 8], [0, 0, 20, 20], [5, 5, 5, 13], [-5, 20, 15, 35], [10, 10, 6, 15]]
+    v1_val = coco_utils.get_coco(coco_root, "val", presets.DetectionPresetEval())
+    # One meaning of a target (issue 23): v2 clamps and ignores the crowd box as v1 does.
+    for index in range(len(val)):
+        (_, target), (_, expected) = val[index], v1_val[index]
+        assert torch.equal(target["boxes"], expected["boxes"]) and torch.equal(target["labels"], expected["labels"])
+    assert val[0][1]["boxes"].tolist() == [[2, 3, 12, 8], [0, 20, 15, 30]]
 
 
 def test_coco_api_num_classes_and_names_come_from_the_annotation_file(coco_root):
@@ -253,8 +256,11 @@ def test_unreadable_images_fail_at_decode_time_with_file_and_id(edge_case_folder
         data = f.read()
     with open(path, "wb") as f:
         f.write(b"not an image at all" if damage == "garbage" else data[: len(data) // 2])
-    dataset = coco_utils.get_coco(root, "val", None)  # construction only checks that files exist
-    message = one_line_error(lambda: dataset[0])
+    if damage == "garbage":  # no image header: found at start-up (issue 23)
+        message = one_line_error(lambda: coco_utils.get_coco(root, "val", None))
+    else:  # the header is whole: found when the image is decoded
+        dataset = coco_utils.get_coco(root, "val", None)
+        message = one_line_error(lambda: dataset[0])
     assert message.startswith(path + ": cannot decode image id 1: ")
 
 
@@ -292,14 +298,49 @@ def test_grouped_batch_sampler_batches_are_homogeneous(sampler_type):
     sampler = sampler_type(range(50))
     batch_sampler = group_by_aspect_ratio.GroupedBatchSampler(sampler, group_ids, batch_size=4)
     batches = list(batch_sampler)
-    assert len(batches) == len(batch_sampler) == 12
-    assert all(len(batch) == 4 and len({group_ids[i] for i in batch}) == 1 for batch in batches)
-    indices = [i for batch in batches for i in batch]
-    assert len(set(indices)) >= 50 - 3 * 3  # only the leftover of each group can miss the epoch
+    assert len(batches) == len(batch_sampler) == 13
+    # Full batches of one group first; then the groups' leftovers (at most 3 each), packed in group order.
+    leftovers = sum(len(batch) for batch in batches if len({group_ids[i] for i in batch}) > 1)
+    assert [len(batch) for batch in batches] == [4] * 12 + [2]
+    assert sum(len({group_ids[i] for i in batch}) > 1 for batch in batches) <= 2 and leftovers <= 3 * 3
+    assert sorted(i for batch in batches for i in batch) == list(range(50))  # every element once
     if sampler_type is SequentialSampler:
         assert batches[0] == [i for i in range(50) if group_ids[i] == group_ids[batches[0][0]]][:4]
     with pytest.raises(ValueError, match="Sampler"):
         group_by_aspect_ratio.GroupedBatchSampler(list(range(5)), group_ids, 2)
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_grouped_batch_sampler_uses_a_small_group_every_epoch(world_size):
+    """200 landscape and 3 portrait images at batch 8 (torchvision's sampler left the portraits out of every epoch):
+    every image, every epoch, on 1 or 2 ranks, with the same number of batches on each rank and in each epoch."""
+    group_ids = [1] * 200 + [0] * 3
+    samplers = [DistributedSampler(range(203), num_replicas=world_size, rank=rank, shuffle=True, seed=0)
+                for rank in range(world_size)]
+    batch_samplers = [group_by_aspect_ratio.GroupedBatchSampler(sampler, group_ids, 8, min_batch_size=2)
+                      for sampler in samplers]
+    for epoch in range(100):
+        used = []
+        for sampler, batch_sampler in zip(samplers, batch_samplers):
+            sampler.set_epoch(epoch)
+            batches = list(batch_sampler)
+            assert len(batches) == len(batch_sampler) == -(-len(sampler) // 8)
+            assert all(2 <= len(batch) <= 8 for batch in batches)
+            assert sum(len({group_ids[i] for i in batch}) > 1 for batch in batches) <= 1
+            used += [i for batch in batches for i in batch]
+        assert set(used) == set(range(203)), f"epoch {epoch}: images {sorted(set(range(203)) - set(used))} unused"
+
+
+def test_grouped_batch_sampler_completes_a_one_image_last_batch_from_its_group():
+    group_ids = [0, 1, 1, 1]
+    batches = list(group_by_aspect_ratio.GroupedBatchSampler(SequentialSampler(range(4)), group_ids, 3,
+                                                             min_batch_size=2))
+    assert batches == [[1, 2, 3], [0, 0]]
+    batches = list(group_by_aspect_ratio.GroupedBatchSampler(SequentialSampler(range(3)), [0, 0, 0], 2,
+                                                             min_batch_size=2))
+    assert batches == [[0, 1], [2, 0]]
+    assert list(group_by_aspect_ratio.GroupedBatchSampler(SequentialSampler(range(3)), [0, 0, 0], 2)) == \
+        [[0, 1], [2]]
 
 
 # ---------------------------------------------------------------- shapes dataset

@@ -51,3 +51,22 @@ def test_export_round_trip_matches_pytorch(tmp_path, capsys):
 def test_missing_optional_package_is_named():
     with pytest.raises(cli.UserInputError, match="pip install not-a-real-package"):
         export.require("not_a_real_module", "not-a-real-package")
+
+
+def detections(scores, boxes, labels):
+    return {"scores": torch.tensor(scores), "boxes": torch.tensor(boxes, dtype=torch.float32),
+            "labels": torch.tensor(labels)}
+
+
+def test_tied_scores_compare_as_ties():
+    """A uniform image gives many equal scores: the two runtimes may keep different members of a tie (issue 23)."""
+    box = [[0.0, 0.0, 10.0, 10.0], [5.0, 5.0, 20.0, 20.0], [30.0, 30.0, 40.0, 40.0]]
+    reference = detections([0.9, 0.5, 0.5], box, [1, 2, 2])
+    other_tied_member = detections([0.9, 0.5, 0.5], [box[0], box[1], [50.0, 50.0, 60.0, 60.0]], [1, 2, 2])
+    same, line = export.compare_detections(reference, other_tied_member)
+    assert same and "matched 2, 1 others tied in score" in line and line.endswith("-> OK")
+    # An unpaired detection whose score ties with nothing on its side is a real difference.
+    lone = detections([0.9, 0.5], box[:2], [1, 2])
+    moved = detections([0.9, 0.5], [box[0], box[2]], [1, 2])
+    same, line = export.compare_detections(lone, moved)
+    assert not same and line.endswith("-> MISMATCH")

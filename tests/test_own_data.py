@@ -156,10 +156,16 @@ def test_fiftyone_export_trains_with_a_train_only_category_and_empty_images(shap
     coco = read_log(tmp_path / "kept")[0]["coco"]
     assert len(coco) == 12 and all(0 <= value <= 1 or value == -1 for value in coco.values())
 
-    # the checkpoint's labels mean FiftyOne's ids 0..5; the Roboflow-style export has ids 1..5, no hexagon
+    # the checkpoint's labels mean FiftyOne's ids 0..5; the Roboflow-style export has ids 1..5, no hexagon: training
+    # on it cannot resume, evaluating matches the classes by name and says so
     other_ids = write_export(shapes_root, tmp_path / "roboflow", "roboflow", num_train=2)
-    line = one_error_line(run_train("", "--test-only", "--resume", tmp_path / "kept" / "checkpoint.pth", *other_ids))
+    line = one_error_line(run_train(tmp_path / "kept", "--resume", tmp_path / "kept" / "checkpoint.pth", *other_ids,
+                                    "--epochs", "2"))
     assert "was trained on other categories than this data's: label 1 is {'id': 0, 'name': 'circle'} there" in line
+    result = run_train("", "--test-only", "--resume", tmp_path / "kept" / "checkpoint.pth", *other_ids)
+    assert_ok(result)
+    assert "its classes 'circle' 0->1, 'rectangle' 1->2, 'triangle' 2->3, 'star' 3->4, 'cross' 4->5 matched by " \
+           "name, under this data's ids; 'hexagon' not in this data and without an id of their own here" in result.stdout
 
 
 @pytest.mark.slow

@@ -113,3 +113,18 @@ def test_bad_inputs_give_clear_errors(lively, inputs, tmp_path):
         run("--weights", checkpoint, inputs / "nowhere")
     with pytest.raises(cli.UserInputError, match="none of the 1 input images could be read"):
         run("--weights", checkpoint, inputs / "photos" / "broken.jpg")
+
+
+def test_a_later_run_skips_an_earlier_runs_output_inside_the_input(lively, tmp_path, capsys):
+    """Predicting into photos/pred1 and then photos/pred2 must not read pred1's pictures as photos (issue 23)."""
+    checkpoint, _ = lively
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    save_smooth_image(photos / "a.png", 64, 48, seed=1)
+    parser = predict.get_args_parser()
+    for output in ("pred1", "pred2"):
+        predict.main(parser.parse_args(["--weights", str(checkpoint), "--output-dir", str(photos / output),
+                                        str(photos)]))
+    summary = json.loads((photos / "pred2" / "detections.json").read_text())
+    assert [record["picture"] for record in summary["images"]] == ["a.png"]
+    assert f"skipping folder {photos / 'pred1'}: an earlier predict.py run's output" in capsys.readouterr().err

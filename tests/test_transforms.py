@@ -1,6 +1,7 @@
 """Tests of transforms.py and presets.py against torchvision's kernels and v2 transforms as oracles."""
 
 import signal
+import warnings
 from contextlib import contextmanager
 
 import numpy as np
@@ -326,3 +327,13 @@ def test_presets_reject_unknown_policy_and_backend():
         presets.DetectionPresetEval(backend="cv2")
     with pytest.raises(ValueError, match="use --use-v2"):
         presets.DetectionPresetTrain(data_augmentation="ssd", backend="tv_tensor")
+
+
+def test_a_one_pixel_image_becomes_a_writable_tensor():
+    """np.ascontiguousarray handed back PIL's read-only buffer here, and torch warned (issue 23). torch warns once
+    per process: run alone, this test fails without the fix."""
+    image = Image.fromarray(np.full((1, 1, 3), 7, dtype=np.uint8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tensor, _ = T.PILToTensor()(image, None)
+    assert tensor.tolist() == [[[7]]] * 3
