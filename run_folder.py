@@ -500,6 +500,6 @@ def what_is_intact(args):
 
 def report_stop(stop, args):
     """The one line a stopped run ends with, saying how to continue it."""
-    checkpoint = os.path.join(args.output_dir, CHECKPOINT_NAME) if args.output_dir else ""
+    checkpoint = os.path.join(args.output_dir, CHECKPOINT_NAME) if args.output_dir and not args.test_only else ""
     hint = f"; continue with --resume {checkpoint}" if checkpoint and os.path.isfile(checkpoint) else ""
     print(f"train.py: {stop}{hint}", file=sys.stderr)

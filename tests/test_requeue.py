@@ -344,3 +344,32 @@ def test_a_full_disk_at_the_log_or_the_results_is_one_line_naming_the_file(full_
     line = run_folder.describe_io_error(raised.value, argparse.Namespace(output_dir=str(full_disk), test_only=True))
     assert line.startswith(f"{detections}: No space left on device; the files in {full_disk} are as they were"), line
     assert sorted(path.name for path in full_disk.iterdir()) == ["filler", "log.jsonl"]
+
+
+# train.py unchanged, with every image that PIL opens (in the DataLoader's workers too) one second slow, so that a
+# signal sent after the first evaluation batch lands while the next one loads.
+SLOW_IMAGE_LAUNCHER = """
+import runpy, sys, time
+sys.path.insert(0, {repo!r})
+from PIL import Image
+real_open = Image.open
+def slow_open(*args, **kwargs):
+    time.sleep(1)
+    return real_open(*args, **kwargs)
+Image.open = slow_open
+sys.argv = [{train!r}] + sys.argv[1:]
+runpy.run_path({train!r}, run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_an_evaluation_with_workers_is_one_line(killed_folders, tiny_root, tmp_path):
+    uninterrupted, _ = killed_folders
+    process = start_train(*tiny_run_args(tiny_root, tmp_path / "out", "--test-only", "--resume",
+                                         uninterrupted / "checkpoint.pth", "--eval-batch-size", 1, "-j", 2),
+                          launcher=launcher(SLOW_IMAGE_LAUNCHER, tmp_path))
+    wait_for_line(process, r"Test:\s+\[0/2\]")
+    process.send_signal(signal.SIGINT)
+    returncode, _, stderr = finish(process)
+    assert_one_line(returncode, stderr, 130, "stopped by SIGINT during evaluation")
+    assert not (tmp_path / "out" / "detections.json").exists()
