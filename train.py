@@ -417,7 +417,7 @@ def build_model(args, num_classes, class_names, device, resume_checkpoint):
 
 def start_or_resume_training(args, model, scaler, resume_checkpoint):
     """(optimizer, lr scheduler, best evaluation so far): fresh, or as the checkpoint left them, in which case
-    the run folder's log is also brought back to the checkpoint's epoch."""
+    the run folder is also brought into agreement with the checkpoint (run_folder.reconcile_outputs)."""
     optimizer = engine.build_optimizer(model, args.opt, args.lr, args.momentum, args.weight_decay,
                                        args.norm_weight_decay)
     lr_scheduler = build_lr_scheduler(optimizer, args)
