@@ -90,7 +90,7 @@ def train_one_epoch(model, optimizer, data_loader, device, epoch, print_freq, sc
         loss_reduced = sum(loss_dict_reduced.values())
         if not math.isfinite(loss_reduced.item()):
             raise NonFiniteLossError(_describe_non_finite(epoch, iteration, loss_reduced, loss_dict_reduced, targets))
-        # SIGINT / SIGTERM (deferred by the caller) stop the run here, between steps, on every rank at once.
+        # SIGINT / SIGTERM (recorded by their handler) stop the run here, between steps, on every rank at once.
         if stop_signal:
             raise utils.StopRequested(stop_signal, f"at epoch {epoch}, iteration {iteration}")
 
@@ -143,6 +143,7 @@ def detect(model, data_loader, device, coco_backend="pycocotools", amp_dtype=Non
     evaluator = make_evaluator(data_loader.dataset, coco_backend, categories)
 
     for images, targets in metric_logger.log_every(data_loader, 100, header):
+        utils.check_stop("during evaluation")
         images = [image.to(device, non_blocking=True) for image in images]
         model_time = time.time()
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):

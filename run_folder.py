@@ -20,6 +20,8 @@ import os
 import re
 import sys
 
+import torch
+
 import cli
 import coco_utils
 import models
@@ -32,14 +34,19 @@ from plot_curves import plot_curves
 CHECKPOINT_NAME = "checkpoint.pth"
 BEST_NAME = "model_best.pth"
 LOG_NAME = "log.jsonl"
+# Lines of log.jsonl that are not epoch records (a comment, a damaged line) are moved here on resume, never deleted.
+UNREADABLE_LOG_NAME = "log.jsonl.unreadable"
+CURVES_NAME = "curves.png"
 DETECTIONS_NAME = "detections.json"
 METRICS_NAME = "metrics.json"
 TENSORBOARD_DIR = "tensorboard"
 EPOCH_MODEL = re.compile(r"model_(\d+)\.pth")
 AUTO_RESUME = "auto"
 # The files a run writes into --output-dir: a folder holding any of them belongs to a run. The checkpoints and the
-# log among them are also what no single-file writer may replace (safe_io.TRAINING_RUN_FILE).
-RUN_FILE_PATTERN = re.compile(rf"{safe_io.TRAINING_RUN_FILE.pattern}|curves\.png|detections\.json|metrics\.json")
+# log among them are also what no single-file writer may replace (safe_io.TRAINING_RUN_FILE); log.jsonl.unreadable
+# holds the log lines a resume could not read (kept aside, not deleted).
+RUN_FILE_PATTERN = re.compile(rf"{safe_io.TRAINING_RUN_FILE.pattern}|log\.jsonl\.unreadable|curves\.png|detections\.json|"
+                              r"metrics\.json")
 
 
 def check_output_dir(args):
@@ -73,9 +80,10 @@ def check_no_earlier_evaluation(args, run_files):
                           "choose an empty or new --output-dir (or move those files away)")
 
 
-def take_output_dir(args):
-    """Create --output-dir, lock it for this process's life and check it may be written; rank 0 only (the only
-    writer). Returns the lock, which must stay referenced until the end."""
+def take_output_dir(args, resume_checkpoint=None):
+    """Create --output-dir, lock it for this process's life, check it may be written and remove what interrupted
+    writes left; rank 0 only (the only writer). Training from resume_checkpoint also checks that the folder holds no
+    later epochs. Returns the lock, which must stay referenced until the end."""
     safe_io.prepare_output_dir(args.output_dir)
     check_output_dir(args)  # first without the lock: a refused folder is left exactly as it was
     lock = safe_io.lock_output_dir(args.output_dir)
@@ -84,7 +92,44 @@ def take_output_dir(args):
     if stale:
         print(f"removed {len(stale)} temporary file(s) an interrupted write left in {args.output_dir}: "
               f"{', '.join(stale)}")
+    if resume_checkpoint is not None and not args.test_only:
+        check_no_later_epochs(args, resume_checkpoint)
     return lock
+
+
+def check_no_later_epochs(args, checkpoint):
+    """Refuse to resume a checkpoint over a folder that holds later epochs (an older checkpoint kept in the run
+    folder): training on would overwrite their checkpoint.pth, model_{epoch}.pth and log lines with another
+    course of training. Refused rather than moved aside: which course to keep is the user's choice."""
+    epoch = checkpoint["epoch"]
+    later = [f"model_{n}.pth" for n in sorted(epoch_model_files(args.output_dir)) if n > epoch]
+    records, _ = safe_io.read_jsonl_lines(os.path.join(args.output_dir, LOG_NAME), is_epoch_record)
+    log_epochs = [record["epoch"] for record, _ in records]
+    if log_epochs and max(log_epochs) > epoch:
+        later.append(f"{LOG_NAME} up to epoch {max(log_epochs)}")
+    folder_checkpoint = os.path.join(args.output_dir, CHECKPOINT_NAME)
+    folder_epoch = saved_epoch(folder_checkpoint)
+    if not safe_io.same_file(folder_checkpoint, args.resume) and folder_epoch is not None and folder_epoch > epoch:
+        later.insert(0, f"{CHECKPOINT_NAME} of epoch {folder_epoch}")
+    if later:
+        raise ConfigError(f"--resume {args.resume} holds epoch {epoch}, but {args.output_dir} holds later epochs "
+                          f"({', '.join(later)}) that training on would overwrite: move them out of the folder, or "
+                          "resume into a new --output-dir")
+
+
+def saved_epoch(path):
+    """The epoch a checkpoint or model file holds; None when it is missing or unreadable (memory-mapped: the
+    weights are not read)."""
+    try:
+        epoch = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("epoch")
+    except Exception:  # noqa: BLE001 - torch.load reports unreadable files with many exception types
+        return None
+    return epoch if isinstance(epoch, int) else None
+
+
+def epoch_model_files(output_dir):
+    """{epoch: file name} of the model_{epoch}.pth files in output_dir."""
+    return {int(match.group(1)): name for name in os.listdir(output_dir) if (match := EPOCH_MODEL.fullmatch(name))}
 
 
 def read_resume_checkpoint(args):
@@ -147,12 +192,68 @@ def load_resume_checkpoint(args):
         raise ConfigError(f"--resume {args.resume}: not a training checkpoint (no 'model'/'epoch'); "
                           "use --weights for model-only files")
     if args.test_only:
+        check_checkpoint_fields(args.resume, checkpoint, ("model", "epoch"))
         return checkpoint
     if "optimizer" not in checkpoint or "lr_scheduler" not in checkpoint:
         raise ConfigError(f"--resume {args.resume} holds the weights only (like model_N.pth), not the optimizer and "
                           f"schedule: resume from the run's {CHECKPOINT_NAME}, or start a new run with --weights")
-    check_resume_flags(args, checkpoint.get("args") or {})
+    check_checkpoint_fields(args.resume, checkpoint, CHECKPOINT_FIELDS)
+    check_resume_flags(args, checkpoint["args"])
     return checkpoint
+
+
+def _is_rng_state(state):
+    return (isinstance(state, dict) and isinstance(state.get("torch"), torch.Tensor)
+            and isinstance(state.get("cuda"), list) and isinstance(state.get("random"), list)
+            and len(state["random"]) == 3 and isinstance(state.get("numpy"), dict)
+            and isinstance(state["numpy"].get("keys"), torch.Tensor))
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# What each field of a training checkpoint must be, as (check, what it must hold); the optional ones are checked when
+# present. Checked on resume, before anything is written, so that a damaged or foreign file is refused in one line
+# naming the field rather than failing half-way with a traceback.
+CHECKPOINT_FIELDS = {
+    "model": (lambda v: isinstance(v, dict) and bool(v), "the model's state_dict"),
+    "epoch": (lambda v: type(v) is int and v >= 0, "a whole number >= 0"),
+    "optimizer": (lambda v: isinstance(v, dict) and isinstance(v.get("state"), dict)
+                  and isinstance(v.get("param_groups"), list)
+                  and all(isinstance(group, dict) and isinstance(group.get("params"), list)
+                          for group in v["param_groups"]), "an optimizer state with 'state' and 'param_groups'"),
+    "lr_scheduler": (lambda v: isinstance(v, dict) and type(v.get("last_epoch")) is int,
+                     "a scheduler state with its 'last_epoch'"),
+    "args": (lambda v: isinstance(v, dict) and bool(v), "the run's flags"),
+    "categories": (lambda v: isinstance(v, dict) and bool(v), "the category table"),
+    "rng_states": (lambda v: isinstance(v, list) and bool(v) and all(_is_rng_state(state) for state in v),
+                   "the RNG states of every process"),
+}
+OPTIONAL_CHECKPOINT_FIELDS = {
+    "log_record": (lambda v: isinstance(v, dict) and type(v.get("epoch")) is int, "a log record with its 'epoch'"),
+    "best": (lambda v: v is None or (isinstance(v, dict) and isinstance(v.get("metric"), str)
+                                     and _is_number(v.get("value")) and type(v.get("epoch")) is int),
+             "the best evaluation: 'metric', a number 'value' and its 'epoch'"),
+    "scaler": (lambda v: isinstance(v, dict), "the AMP scaler's state"),
+}
+
+
+def check_checkpoint_fields(path, checkpoint, required):
+    """Refuse, in one line naming the file and the field, a checkpoint with a missing or ill-typed field."""
+    fields = {name: CHECKPOINT_FIELDS[name] for name in required}
+    fields.update((name, rule) for name, rule in OPTIONAL_CHECKPOINT_FIELDS.items() if name in checkpoint)
+    for name, (is_valid, what) in fields.items():
+        if name not in checkpoint:
+            raise ConfigError(f"--resume {path}: no '{name}' ({what}); not a checkpoint train.py wrote, or damaged")
+        if not is_valid(checkpoint[name]):
+            raise ConfigError(f"--resume {path}: '{name}' is not {what} (a {type(checkpoint[name]).__name__}); "
+                              "not a checkpoint train.py wrote, or damaged")
+    for name in ("log_record", "best"):
+        epoch = (checkpoint.get(name) or {}).get("epoch", checkpoint["epoch"])
+        if epoch > checkpoint["epoch"] or (name == "log_record" and epoch != checkpoint["epoch"]):
+            raise ConfigError(f"--resume {path}: '{name}' is of epoch {epoch}, the checkpoint of epoch "
+                              f"{checkpoint['epoch']}; damaged")
 
 
 def check_resume_flags(args, saved):
@@ -165,12 +266,27 @@ def check_resume_flags(args, saved):
             raise ConfigError(f"--resume {args.resume} was trained with {flag} {saved[name]}, not {flag} "
                               f"{getattr(args, name)}: resume with {flag} {saved[name]}, or start a new run with "
                               "--weights")
+    check_steps_per_epoch(args, saved)
     saved_norm_decay = saved.get("norm_weight_decay")
     if "norm_weight_decay" in saved and (saved_norm_decay is None) != (args.norm_weight_decay is None):
         saved_flag = "without --norm-weight-decay" if saved_norm_decay is None else \
             f"with --norm-weight-decay {saved_norm_decay}"
         raise ConfigError(f"--resume {args.resume} was trained {saved_flag}, which groups the optimizer's "
                           f"parameters differently: resume {saved_flag}")
+
+
+def check_steps_per_epoch(args, saved):
+    """Refuse a changed --batch-size or number of processes: both change how many steps an epoch has, so the
+    schedule, the iteration counts in log.jsonl and the exact repeat of the original run would all break."""
+    if "batch_size" in saved and saved["batch_size"] != args.batch_size:
+        raise ConfigError(f"--resume {args.resume} was trained with --batch-size {saved['batch_size']} per process, "
+                          f"not {args.batch_size}: an epoch would take another number of steps; resume with "
+                          f"--batch-size {saved['batch_size']}, or start a new run with --weights")
+    processes = utils.get_world_size()
+    if "world_size" in saved and saved["world_size"] != processes:
+        raise ConfigError(f"--resume {args.resume} was trained on {saved['world_size']} process(es), not "
+                          f"{processes}: an epoch would take another number of steps; resume on "
+                          f"{saved['world_size']} (torchrun --nproc_per_node), or start a new run with --weights")
 
 
 def check_epochs_left(args):
@@ -204,31 +320,70 @@ def restore_training_state(args, checkpoint, optimizer, lr_scheduler, scaler):
     lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
     if scaler is not None and "scaler" in checkpoint:
         scaler.load_state_dict(checkpoint["scaler"])
-    rng_states = checkpoint.get("rng_states") or []
-    if len(rng_states) == utils.get_world_size():
-        utils.set_rng_state(rng_states[utils.get_rank()])
-    else:
-        print(f"warning: {args.resume} holds RNG states for {len(rng_states)} processes, not "
-              f"{utils.get_world_size()}: the resumed run will not repeat the original exactly", file=sys.stderr)
+    rng_states = checkpoint["rng_states"]
+    if len(rng_states) != utils.get_world_size():
+        raise ConfigError(f"--resume {args.resume}: 'rng_states' holds {len(rng_states)} process(es)' states, for a "
+                          f"run of {utils.get_world_size()}; damaged")
+    utils.set_rng_state(rng_states[utils.get_rank()])
 
 
 def reconcile_outputs(args, checkpoint):
-    """On resume, make log.jsonl and model_best.pth agree with checkpoint.pth whatever moment the run was killed.
+    """On resume, bring the folder into agreement with checkpoint.pth whatever moment the run was killed; rank 0,
+    under the folder lock. Everything the checkpoint vouches for is restored from it: model_{epoch}.pth, and
+    model_best.pth when its epoch was the best, log.jsonl and curves.png; older model_{epoch}.pth are pruned as the
+    epoch would have. Files already in agreement are left as they are, so that requeueing a finished run once more
+    changes nothing."""
+    epoch = checkpoint["epoch"]
+    restored = []
+    model_path = os.path.join(args.output_dir, f"model_{epoch}.pth")
+    if not os.path.isfile(model_path):
+        safe_io.save_atomic(model_file(checkpoint), model_path)
+        restored.append(os.path.basename(model_path))
+    best = checkpoint.get("best")
+    best_path = os.path.join(args.output_dir, BEST_NAME)
+    if best is not None and best["epoch"] == epoch and saved_epoch(best_path) != epoch:
+        safe_io.save_atomic(model_file(checkpoint), best_path)
+        restored.append(BEST_NAME)
+    if reconcile_log(args, checkpoint):
+        restored.append(LOG_NAME)
+    if args.keep_checkpoints is not None:
+        prune_epoch_models(args.output_dir, keep=args.keep_checkpoints, newest=epoch)
+    if restored or not os.path.isfile(os.path.join(args.output_dir, CURVES_NAME)):
+        draw_curves(args.output_dir)
+    if restored:
+        print(f"restored {', '.join(restored)} of epoch {epoch} from {args.resume}")
 
-    log.jsonl gets exactly the records of the epochs before the checkpoint's, then the checkpoint's own record: a
-    kill between writing checkpoint.pth and appending its line, a torn last line, or lines of epochs after an older
-    checkpoint would otherwise leave an epoch missing or doubled. When the checkpoint's epoch was the best one,
-    model_best.pth is written again from it (the kill may have come before it was).
-    """
+
+def reconcile_log(args, checkpoint):
+    """Make log.jsonl hold exactly the records of the epochs before the checkpoint's, then the checkpoint's own
+    record: a kill between writing checkpoint.pth and appending its line, or a torn last line, would otherwise leave
+    an epoch missing or doubled. Lines that are not epoch records are moved to log.jsonl.unreadable. Returns whether
+    log.jsonl was rewritten."""
     record = checkpoint.get("log_record")
     if record is None:  # a checkpoint written before checkpoints carried their log record
-        return
+        return False
     log_path = os.path.join(args.output_dir, LOG_NAME)
-    earlier = [line for previous, line in safe_io.read_jsonl_lines(log_path) if previous.get("epoch", -1) < record["epoch"]]
-    safe_io.write_text_atomic(log_path, "".join(line + "\n" for line in [*earlier, json.dumps(record)]))
-    best = checkpoint.get("best")
-    if best is not None and best["epoch"] == checkpoint["epoch"]:
-        safe_io.save_atomic(model_file(checkpoint), os.path.join(args.output_dir, BEST_NAME))
+    records, unreadable = safe_io.read_jsonl_lines(log_path, is_epoch_record)
+    earlier = [line for previous, line in records if previous["epoch"] < record["epoch"]]
+    text = "".join(line + "\n" for line in [*earlier, json.dumps(record)])
+    if unreadable:
+        keep_unreadable_log_lines(args.output_dir, unreadable)
+    if os.path.isfile(log_path) and safe_io.read_bytes(log_path) == text.encode("utf-8"):
+        return False
+    safe_io.write_text_atomic(log_path, text)
+    return True
+
+
+def is_epoch_record(record):
+    return type(record.get("epoch")) is int and record["epoch"] >= 0
+
+
+def keep_unreadable_log_lines(output_dir, lines):
+    """Append lines (bytes) to log.jsonl.unreadable, saying so: a line someone added is kept, not deleted."""
+    path = os.path.join(output_dir, UNREADABLE_LOG_NAME)
+    kept = safe_io.read_bytes(path) if os.path.isfile(path) else b""
+    safe_io.write_bytes_atomic(path, kept + b"".join(line + b"\n" for line in lines))
+    print(f"{os.path.join(output_dir, LOG_NAME)}: {len(lines)} line(s) that are not epoch records moved to {path}")
 
 
 def checkpoint_args(args):
@@ -307,9 +462,8 @@ def end_epoch(args, checkpoint, record, metrics, best, tensorboard=None):
 
 def prune_epoch_models(output_dir, keep, newest):
     """Delete model_{epoch}.pth of the epochs up to newest - keep (files of later epochs are never touched)."""
-    for name in os.listdir(output_dir):
-        match = EPOCH_MODEL.fullmatch(name)
-        if match and int(match.group(1)) <= newest - keep:
+    for epoch, name in epoch_model_files(output_dir).items():
+        if epoch <= newest - keep:
             os.remove(os.path.join(output_dir, name))
 
 
@@ -327,7 +481,7 @@ def draw_curves(output_dir):
     one line and training goes on."""
     log_path = os.path.join(output_dir, LOG_NAME)
     try:
-        plot_curves(log_path, os.path.join(output_dir, "curves.png"))
+        plot_curves(log_path, os.path.join(output_dir, CURVES_NAME))
     except Exception as error:  # noqa: BLE001 - whatever the drawing fails on, the run must continue
         print(f"warning: curves.png not drawn from {log_path}: {cli.one_line(error)}", file=sys.stderr)
 
@@ -367,8 +521,29 @@ def write_evaluation_files(args, dataset, evaluator, metrics, weights_identity):
     print(f"wrote {metrics_path}")
 
 
+def describe_io_error(error, args):
+    """The one line a run ends with when a file operation fails (permissions, a removed folder, a read-only or full
+    disk, a folder where a file should be): the path, the reason, what is intact and how to continue."""
+    return f"{error.filename or 'a file'}: {error.strerror or error}; {what_is_intact(args)}"
+
+
+def what_is_intact(args):
+    if not args.output_dir:
+        return "nothing was written"
+    if not os.path.isdir(args.output_dir):
+        return f"the folder {args.output_dir} is gone, and this run's files with it"
+    if args.test_only:
+        return f"the files in {args.output_dir} are as they were (each is replaced whole or not at all)"
+    checkpoint = os.path.join(args.output_dir, CHECKPOINT_NAME)
+    epoch = saved_epoch(checkpoint)
+    if epoch is None:
+        return "no epoch was saved yet: fix the cause and run the command again"
+    return (f"{checkpoint} (epoch {epoch}) and the files written before it are intact: fix the cause and continue "
+            f"with --resume {checkpoint}")
+
+
 def report_stop(stop, args):
     """The one line a stopped run ends with, saying how to continue it."""
-    checkpoint = os.path.join(args.output_dir, CHECKPOINT_NAME) if args.output_dir else ""
+    checkpoint = os.path.join(args.output_dir, CHECKPOINT_NAME) if args.output_dir and not args.test_only else ""
     hint = f"; continue with --resume {checkpoint}" if checkpoint and os.path.isfile(checkpoint) else ""
     print(f"train.py: {stop}{hint}", file=sys.stderr)

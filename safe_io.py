@@ -47,10 +47,8 @@ def replacing(path):
     file is removed and the old file is left untouched. Temporary names follow TEMP_FILE_PATTERN.
     """
     directory = os.path.dirname(os.path.abspath(path))
-    try:
+    with naming(path):
         fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    except OSError as error:
-        raise _cannot_write(path, error) from error
     os.close(fd)
     try:
         yield tmp_path
@@ -66,14 +64,10 @@ def replacing(path):
             os.remove(tmp_path)
         os_error = _first_os_error(error)
         if os_error is not None:
-            raise _cannot_write(path, os_error) from error
+            raise OSError(os_error.errno, os_error.strerror, os.fspath(path)) from error
         raise
-    _fsync_directory(directory)
-
-
-def _cannot_write(path, os_error):
-    """An OSError that names path, the user's file, rather than the temporary file the error happened on."""
-    return OSError(os_error.errno, f"cannot write {path}: {os_error.strerror}")
+    with naming(directory):
+        _fsync_directory(directory)
 
 
 def _replace_atomically(path, write):
@@ -97,6 +91,16 @@ def remove_stale_temp_files(directory):
     return stale
 
 
+@contextlib.contextmanager
+def naming(path):
+    """Re-raise an OSError as one naming path (a failed write names no file, a failed temporary file names itself),
+    so that its one-line report names the file the user knows."""
+    try:
+        yield
+    except OSError as error:
+        raise OSError(error.errno, error.strerror or str(error), os.fspath(path)) from error
+
+
 def _first_os_error(error):
     """The OSError behind a failure, if any: torch.save reports a full disk as a RuntimeError about zip positions,
     raised while handling the original OSError."""
@@ -113,14 +117,23 @@ def save_atomic(obj, path):
 
 
 def write_text_atomic(path, text):
-    _replace_atomically(path, lambda f: f.write(text.encode("utf-8")))
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_bytes_atomic(path, data):
+    _replace_atomically(path, lambda f: f.write(data))
+
+
+def read_bytes(path):
+    with open(path, "rb") as f:
+        return f.read()
 
 
 def append_jsonl(path, record):
     """Append one JSON line and make it durable. A crash mid-append can only tear that line; the next append
     drops such a torn tail, so every earlier line stays intact and the file stays one record per line."""
     line = (json.dumps(record) + "\n").encode("utf-8")
-    with open(path, "a+b") as f:
+    with naming(path), open(path, "a+b") as f:
         f.seek(0)
         content = f.read()
         complete = content.rfind(b"\n") + 1
@@ -253,19 +266,24 @@ def _read_holder(lock_file, attempts=20):
     return "a process that is starting"
 
 
-def read_jsonl_lines(path):
-    """The complete JSON-object lines of a jsonl file, as (record, line without its newline); a torn or foreign
-    line is left out. A missing file reads as empty."""
+def read_jsonl_lines(path, is_record=lambda record: True):
+    """(records, unreadable) of a jsonl file: records are the lines holding a JSON object that is_record accepts,
+    as (record, line without its newline); unreadable are the other complete lines as bytes, in file order (invalid
+    UTF-8, not JSON, another value or record), for the caller to keep. An unterminated last line that is not a
+    record is what an interrupted append leaves and is in neither. A missing file reads as empty."""
     if not os.path.exists(path):
-        return []
-    lines = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            with contextlib.suppress(json.JSONDecodeError):
-                record = json.loads(line)
-                if isinstance(record, dict):
-                    lines.append((record, line.rstrip("\n")))
-    return lines
+        return [], []
+    records, unreadable = [], []
+    for raw in read_bytes(path).splitlines(keepends=True):
+        try:
+            record = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            record = None
+        if isinstance(record, dict) and is_record(record):
+            records.append((record, raw.decode("utf-8").rstrip("\r\n")))
+        elif raw.endswith(b"\n") and raw.strip():
+            unreadable.append(raw.rstrip(b"\r\n"))
+    return records, unreadable
 
 
 def sha256_of_file(path, chunk_size=1 << 20):

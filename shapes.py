@@ -23,6 +23,7 @@ import math
 import multiprocessing
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import xml.etree.ElementTree as ElementTree
@@ -228,11 +229,38 @@ def _read_manifest(root):
         raise DatasetError(f"{path}: unreadable shapes manifest ({e}); delete {root} to regenerate it") from None
 
 
+def _temp_prefix(root):
+    """What the temporary folders of root's generation are named from: the host and pid of their process follow,
+    so that a later generation can tell those a killed process left."""
+    return f".{os.path.basename(root)}.tmp-{socket.gethostname()}-"
+
+
+def _process_is_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _remove_stale_temp_folders(root):
+    """Remove the temporary folders that generations killed on this host left beside root (SIGKILL, power loss):
+    those whose process is gone. A live generation's, or another host's on a shared file system, stay."""
+    parent, prefix = os.path.dirname(root), _temp_prefix(root)
+    for name in os.listdir(parent):
+        pid = name[len(prefix):].split("-")[0] if name.startswith(prefix) else ""
+        if pid.isdigit() and not _process_is_alive(int(pid)):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+
+
 def _generate(root, params, workers=1):
     """Build the dataset in a temporary folder beside `root`, then rename it into place atomically."""
     parent = os.path.dirname(root)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(root)}.tmp-", dir=parent)
+    _remove_stale_temp_folders(root)
+    tmp = tempfile.mkdtemp(prefix=f"{_temp_prefix(root)}{os.getpid()}-", dir=parent)
     write = _write_voc_split if params.get("layout") == "voc" else _write_split
     try:
         write(tmp, "train", params["num_train"], params["seed"], params.get("image_size"), workers)

@@ -18,7 +18,6 @@ loop. What the output folder holds and how it survives kills and resumes is run_
 import argparse
 import contextlib
 import datetime
-import errno
 import os
 import secrets
 import signal
@@ -26,14 +25,18 @@ import sys
 import time
 
 
-def _stop_while_importing(signum, frame):
-    print(f"train.py: stopped by {signal.Signals(signum).name} while starting", file=sys.stderr)
-    sys.exit(128 + signum)
+def _stop_while_starting(signum, frame):
+    # Nothing is written yet, so the process may leave at once. Raising an exception instead would strike whatever
+    # bytecode runs (the middle of an import, which may swallow it and go on half set up).
+    os.write(2, f"train.py: stopped by {signal.Signals(signum).name} while starting\n".encode())
+    os._exit(128 + signum)
 
 
 if __name__ == "__main__":
-    # Ctrl-C during the seconds the imports below take ends in one line too; main() installs the real handlers.
-    signal.signal(signal.SIGINT, _stop_while_importing)
+    # Ctrl-C or SIGTERM during the imports and the start-up end in one line; main() records signals from the first
+    # write of the run on (utils.record_stop_signals).
+    for stop_signal in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop_signal, _stop_while_starting)
 
 import torch
 import torch.utils.data
@@ -450,7 +453,7 @@ def build_model(args, num_classes, class_names, device, resume_checkpoint):
 
 def start_or_resume_training(args, model, scaler, resume_checkpoint):
     """(optimizer, lr scheduler, best evaluation so far): fresh, or as the checkpoint left them, in which case
-    the run folder's log is also brought back to the checkpoint's epoch."""
+    the run folder is also brought into agreement with the checkpoint (run_folder.reconcile_outputs)."""
     optimizer = engine.build_optimizer(model, args.opt, args.lr, args.momentum, args.weight_decay,
                                        args.norm_weight_decay)
     lr_scheduler = build_lr_scheduler(optimizer, args)
@@ -470,18 +473,21 @@ def main(args):
 
 
 def train_or_evaluate(args, held_for_the_run):
-    utils.install_stop_handlers()
     validate_args(args)
     fill_in_implied_flags(args)
     summary_writer_class = utils.tensorboard_writer_class() if args.tensorboard else None
     coco_eval.load_backend(args.coco_backend)  # a missing package fails here, not after the first epoch
     utils.init_distributed_mode(args)
     resume_checkpoint, finished = run_folder.read_resume_checkpoint(args)
-    if finished:
+    holds_folder = bool(args.output_dir) and utils.is_main_process()
+    if holds_folder:
+        held_for_the_run.enter_context(run_folder.take_output_dir(args, resume_checkpoint))
+    if finished:  # a requeued job whose epochs are all saved: only heal what a kill during the last save left
+        utils.record_stop_signals()  # the run is finished once healed: a signal meanwhile changes nothing
+        if holds_folder:
+            run_folder.reconcile_outputs(args, resume_checkpoint)
         utils.finish_distributed()
         return
-    if args.output_dir and utils.is_main_process():
-        held_for_the_run.enter_context(run_folder.take_output_dir(args))
     device = torch.device(args.device)
     if args.channels_last is None:
         args.channels_last = models.prefers_channels_last(args.model, device, training=not args.test_only)
@@ -510,6 +516,7 @@ def train_or_evaluate(args, held_for_the_run):
         model_without_ddp = model.module
     amp_dtype, scaler = amp_setup(args, device)
 
+    utils.record_stop_signals()  # from here on the run writes files: no write may be cut short
     if args.test_only:
         evaluate_only(args, model, data_loader_test, device, amp_dtype, categories, weights_identity)
         utils.finish_distributed()
@@ -530,12 +537,11 @@ def train_or_evaluate(args, held_for_the_run):
         epoch_start = time.time()
         train_sampler.set_epoch(epoch)
         seed_loader_for_epoch(data_loader, args, epoch)
-        with utils.deferred_stop(f"after epoch {epoch}'s training"):  # signals act between steps
-            train_stats = engine.train_one_epoch(
-                model, optimizer, data_loader, device, epoch, args.print_freq,
-                scaler=scaler, amp_dtype=amp_dtype, warmup_iters=args.warmup_iters, tensorboard=tensorboard,
-            )
-            lr_scheduler.step()
+        train_stats = engine.train_one_epoch(
+            model, optimizer, data_loader, device, epoch, args.print_freq,
+            scaler=scaler, amp_dtype=amp_dtype, warmup_iters=args.warmup_iters, tensorboard=tensorboard,
+        )
+        lr_scheduler.step()
         metrics = None
         if (epoch + 1) % args.eval_freq == 0 or epoch + 1 == args.epochs:
             metrics = engine.evaluate(model, data_loader_test, device, coco_backend=args.coco_backend,
@@ -547,14 +553,25 @@ def train_or_evaluate(args, held_for_the_run):
                                            iterations=(epoch + 1) * len(data_loader))
             checkpoint = run_folder.training_checkpoint(args, epoch, model_without_ddp, optimizer, lr_scheduler,
                                                         scaler, categories, rng_states)
-            with utils.deferred_stop(f"after saving epoch {epoch}"):  # a signal lets the save and log finish
-                best = run_folder.end_epoch(args, checkpoint, record, metrics, best, tensorboard)
+            best = run_folder.end_epoch(args, checkpoint, record, metrics, best, tensorboard)
+        stop_after_saving(args, epoch, device)
     if tensorboard is not None:
         tensorboard.close()
 
     utils.finish_distributed()
     total_time = str(datetime.timedelta(seconds=int(time.time() - start_time)))
     print(f"Training time {total_time}")
+
+
+def stop_after_saving(args, epoch, device):
+    """Act on a stop signal that came during epoch's evaluation or saves, all ranks together: after an earlier epoch
+    StopRequested says how to continue; after the last one the run is simply finished."""
+    stop_signal = utils.stop_signal_of_any_rank(device)
+    if not stop_signal:
+        return
+    if epoch + 1 < args.epochs:
+        raise utils.StopRequested(stop_signal, f"after saving epoch {epoch}")
+    print(f"{signal.Signals(stop_signal).name} came while the last epoch was saved: the run is finished")
 
 
 def set_up_randomness(args, device):
@@ -608,6 +625,9 @@ if __name__ == "__main__":
     except USER_ERRORS as error:
         sys.exit(f"error: {cli.one_line(error)}")
     except OSError as error:
-        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+        sys.exit(f"error: {run_folder.describe_io_error(error, args)}")
+    except RuntimeError as error:  # DistBackendError included
+        lost_peer = utils.describe_lost_peer(error)
+        if lost_peer is None:
             raise
-        sys.exit(f"error: {error} (the previous checkpoint was left intact)")
+        sys.exit(f"error: {lost_peer}; {run_folder.what_is_intact(args)}")

@@ -3,10 +3,10 @@
 
 File writing is in safe_io.py, command-line checks in cli.py."""
 import builtins
-import contextlib
 import datetime
 import os
 import random
+import re
 import signal
 import time
 from collections import defaultdict, deque
@@ -178,6 +178,22 @@ def finish_distributed():
         dist.destroy_process_group()
 
 
+# What gloo and NCCL say when another process of the group has gone (killed, crashed, its node lost).
+PEER_LOST = re.compile(r"Connection closed by peer|Connection reset by peer|Broken pipe|NCCL communicator was aborted|"
+                       r"remote process exited|ProcessGroupNCCL.*(?:watchdog|abort)", re.IGNORECASE)
+
+
+def describe_lost_peer(error):
+    """The first half of the one line a process ends with when a collective failed because another process of the
+    run stopped (instead of the backend's traceback); None when error is not that."""
+    if not is_dist_avail_and_initialized() or not PEER_LOST.search(str(error)):
+        return None
+    world_size = get_world_size()
+    who = f"rank {1 - get_rank()}" if world_size == 2 else f"another of the {world_size} processes"
+    reason = PEER_LOST.search(str(error)).group(0)
+    return f"{who} of this run stopped ({reason}), so rank {get_rank()} stops too"
+
+
 def all_gather(data):
     """Gather any picklable object from every process; returns a list with one entry per rank."""
     if get_world_size() == 1:
@@ -253,6 +269,7 @@ def init_distributed_mode(args):
     if launch is None:
         print("Not using distributed mode")
         args.distributed = False
+        args.world_size = 1  # what checkpoints record, whatever --world-size said
         return
     args.rank, args.world_size, args.gpu = launch
     if args.dist_url == "env://":
@@ -294,32 +311,32 @@ class StopRequested(BaseException):
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-_stop = {"signal": None, "deferring": 0}
+_stop = {"signal": None}
 
 
-def _on_stop_signal(signum, frame):
+def _record_stop_signal(signum, frame):
+    # Only recorded: an exception raised from here would strike whatever bytecode runs at that moment (a file write,
+    # a DataLoader's shutdown, a finaliser that swallows it), so the run acts on it at its own checks instead.
     _stop["signal"] = _stop["signal"] or signum
-    if not _stop["deferring"]:
-        raise StopRequested(signum)
 
 
-def install_stop_handlers():
-    """SIGINT and SIGTERM raise StopRequested, at once or, inside deferred_stop(), at the end of that block."""
+def record_stop_signals():
+    """From now on SIGINT and SIGTERM are only recorded: the run stops at its next check (check_stop, or the
+    collective check of every training step), so that no write is cut short."""
     for signum in STOP_SIGNALS:
-        signal.signal(signum, _on_stop_signal)
+        signal.signal(signum, _record_stop_signal)
 
 
-@contextlib.contextmanager
-def deferred_stop(where=""):
-    """A block a stop signal must not cut short (a training step, writing a checkpoint): the signal is recorded,
-    and StopRequested is raised when the outermost such block ends."""
-    _stop["deferring"] += 1
-    try:
-        yield
-    finally:
-        _stop["deferring"] -= 1
-    if not _stop["deferring"] and _stop["signal"] is not None:
+def check_stop(where):
+    """Raise StopRequested when this process has received a stop signal."""
+    if _stop["signal"] is not None:
         raise StopRequested(_stop["signal"], where)
+
+
+def stop_signal_of_any_rank(device):
+    """The stop signal any process received (0 if none), the same on every rank: one collective call outside the
+    training steps, so that all processes stop together there too."""
+    return reduce_losses_and_stop_signal({"none": torch.zeros((), device=device)})[1]
 
 
 def ignore_stop_signals(worker_id=None):

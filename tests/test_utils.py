@@ -237,15 +237,12 @@ def _distributed_worker(rank, port, out_dir, gt_path, predictions):
     utils.init_distributed_mode(args)
     losses = {"b": torch.tensor(10.0 * rank), "a": torch.tensor(rank + 1.0)}
     reduced, no_signal = utils.reduce_losses_and_stop_signal(losses)
-    # A SIGTERM that only rank 1 receives, during a training step, reaches rank 0 through the same reduction.
-    utils.install_stop_handlers()
-    try:
-        with utils.deferred_stop():
-            if rank == 1:
-                os.kill(os.getpid(), signal.SIGTERM)
-            reduced_again, stop_signal = utils.reduce_losses_and_stop_signal(losses)
-    except utils.StopRequested:
-        assert rank == 1
+    # A SIGTERM that only rank 1 receives, during a training step, is recorded and reaches rank 0 through the same
+    # reduction.
+    utils.record_stop_signals()
+    if rank == 1:
+        os.kill(os.getpid(), signal.SIGTERM)
+    reduced_again, stop_signal = utils.reduce_losses_and_stop_signal(losses)
 
     # What DistributedSampler(shuffle=False) gives each rank for an odd dataset: rank 0 repeats image 0 as padding.
     image_ids = sorted(predictions)
