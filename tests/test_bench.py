@@ -128,7 +128,7 @@ def test_ssd512_rows_give_absolute_figures_and_the_ratio_to_our_ssd300(tmp_path)
     SSD512's VGG16 at 512 px is heavy on 2 CPU cores."""
     report = tmp_path / "bench.json"
     result = run_script("bench.py", "--quick", "--model", "ssd512_vgg16", "--rows", "train", "infer", "postprocess",
-                        "loss", "--json", report, timeout=3600)
+                        "loss", "--json", report)
     assert_ok(result)
     rows = json.loads(report.read_text())["rows"]
     assert [row["name"] for row in rows] == [

@@ -30,7 +30,7 @@ import predict
 import safe_io
 import shapes
 import train
-from helpers import LITE, REPO, save_lively_checkpoint
+from helpers import LITE, REPO, SCRIPT_TIMEOUT, save_lively_checkpoint
 
 # ------------------------------------------------------------------------------------------- the flag table
 
@@ -235,7 +235,7 @@ def test_a_refused_command_line_is_one_line_and_touches_nothing(script, tmp_path
     Image.new("RGB", (40, 30)).save(tmp_path / "photos" / "a.png")
     before = snapshot(tmp_path)
     result = subprocess.run([sys.executable, str(REPO / script), *PROCESS_CASES[script]], cwd=tmp_path,
-                            capture_output=True, text=True, timeout=300)
+                            capture_output=True, text=True, timeout=SCRIPT_TIMEOUT)
     assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr[-2000:]
     assert snapshot(tmp_path) == before and sorted(os.listdir(tmp_path)) == ["log.jsonl", "notes.txt", "photos"]
@@ -405,7 +405,7 @@ def test_bench_json_is_checked_before_the_benchmark(tmp_path):
 # ------------------------------------------------------------------------------------- a closed stdout
 
 
-def run_with_closed_stdout(script, *args, cwd, read_first_line=False, python_flags=(), timeout=600):
+def run_with_closed_stdout(script, *args, cwd, read_first_line=False, python_flags=(), timeout=SCRIPT_TIMEOUT):
     """Run script with stdout a pipe whose reader goes away: at once, or after the first line (`| head -1`).
     Returns (exit code, stderr)."""
     process = subprocess.Popen([sys.executable, *python_flags, str(REPO / script), *map(str, args)], cwd=cwd,

@@ -18,7 +18,7 @@ import models
 import run_folder
 import safe_io
 import shapes
-from helpers import REPO, assert_ok, read_log, run_script
+from helpers import REPO, SCRIPT_TIMEOUT, assert_ok, read_log, run_script
 from test_safety import (CASE_RUNNER, SLOW_SAVE_LAUNCHER, SLOW_STEP_LAUNCHER, assert_one_line, finish, launcher,
                          snapshot, start_train, stderr_lines, temp_files, tiny_run_args, wait_for_line)
 from test_safety import tiny_root  # noqa: F401 - the fixture, shared
@@ -222,7 +222,7 @@ def refused_on_resume(killed_folders, tiny_root, tmp_path_factory):
     (root / "cases.json").write_text(json.dumps(cases))
     (root / "runner.py").write_text(CASE_RUNNER.format(repo=str(REPO)))
     subprocess.run([sys.executable, str(root / "runner.py"), str(root / "cases.json"), str(root / "results.json")],
-                   cwd=REPO, check=True, timeout=600)
+                   cwd=REPO, check=True, timeout=SCRIPT_TIMEOUT)
     results = json.loads((root / "results.json").read_text())
     return {name: (*results[name], before[name], snapshot(root / name)) for name in cases}
 
@@ -260,7 +260,7 @@ def test_ctrl_c_at_any_moment_of_the_start_up_is_one_line(tiny_root, tmp_path):
             time.sleep(0.001)
         time.sleep(delay)
         process.send_signal(signal.SIGINT)
-        returncode, stdout, stderr = finish(process, timeout=600)
+        returncode, stdout, stderr = finish(process)
         clean = (returncode == 130 and "Traceback" not in stderr and len(stderr_lines(stderr)) == 1
                  and "stopped by SIGINT" in stderr and not (output_dir / "checkpoint.pth").exists())
         outcomes[delay] = "clean" if clean else f"exit {returncode}: {stderr[-500:]}"

@@ -235,8 +235,8 @@ def tiny_run(tmp_path_factory):
     common = ["--dataset", "shapes", "--data-path", root, "--shapes-num-train", TINY["num_train"],
               "--shapes-num-val", TINY["num_val"], "--model", SSD512, "--default-boxes", "voc", "-b", 2,
               "--lr", 0.001, "--workers", 0, "--seed", 0, "--eval-batch-size", 2, "--output-dir", output_dir]
-    assert_ok(run_script("train.py", *common, "--epochs", 1, timeout=1800))
-    resumed = run_script("train.py", *common, "--epochs", 2, "--resume", output_dir / "checkpoint.pth", timeout=1800)
+    assert_ok(run_script("train.py", *common, "--epochs", 1))
+    resumed = run_script("train.py", *common, "--epochs", 2, "--resume", output_dir / "checkpoint.pth")
     assert_ok(resumed)
     return root, output_dir, resumed
 
@@ -250,7 +250,7 @@ def test_train_resume_and_test_only(tiny_run):
     result = run_script("train.py", "--dataset", "shapes", "--data-path", root, "--shapes-num-train",
                         TINY["num_train"], "--shapes-num-val", TINY["num_val"], "--model", SSD512, "--test-only",
                         "--weights", output_dir / "model_1.pth", "--default-boxes", "voc", "--workers", 0,
-                        "--eval-batch-size", 2, "--output-dir", output_dir / "eval", timeout=1800)
+                        "--eval-batch-size", 2, "--output-dir", output_dir / "eval")
     assert_ok(result)
     assert "Average Precision" in result.stdout
     metrics = json.loads((output_dir / "eval" / "metrics.json").read_text())
@@ -279,7 +279,7 @@ def test_predict_and_onnx_export_rebuild_the_checkpoints_default_boxes(tiny_run,
 
     images = sorted((root / "val2017").glob("*"))
     result = run_script("predict.py", "--weights", weights, "--score-thresh", 0.0, "--output-dir", tmp_path / "pred",
-                        *images, timeout=900)
+                        *images)
     assert_ok(result)
     summary = json.loads((tmp_path / "pred" / "detections.json").read_text())
     assert summary["model"] == SSD512 and len(summary["images"]) == len(images)
@@ -293,7 +293,7 @@ def test_predict_and_onnx_export_rebuild_the_checkpoints_default_boxes(tiny_run,
     checkpoint = torch.load(weights, map_location="cpu", weights_only=True)
     torch.save({**checkpoint, "model": lively.state_dict()}, tmp_path / "lively.pth")
     result = run_script("export.py", "--weights", tmp_path / "lively.pth", "--output", tmp_path / "ssd512.onnx",
-                        "--check", *images, timeout=1800)
+                        "--check", *images)
     assert_ok(result)
     assert "no detection above the score threshold" not in result.stdout
     assert result.stdout.count("-> OK") == len(images)
