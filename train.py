@@ -499,7 +499,7 @@ def train_or_evaluate(args, held_for_the_run):
     prepare_data_root(args)
     dataset, dataset_test = get_datasets(args)
     categories = coco_utils.get_categories(dataset_test)
-    num_classes = max(categories) + 1
+    num_classes = coco_utils.get_num_classes(dataset_test)
     if args.test_only:
         categories, num_classes = evaluated_categories(args, resume_checkpoint, categories)
         writes = args.output_dir and utils.is_main_process()
