@@ -117,7 +117,7 @@ sys.path.insert(0, {repo!r})
 import torch
 real_step = torch.optim.SGD.step
 def slow_step(self, *args, **kwargs):
-    time.sleep(0.5)
+    time.sleep({step_seconds})
     return real_step(self, *args, **kwargs)
 torch.optim.SGD.step = slow_step
 sys.argv = [{train!r}] + sys.argv[1:]
@@ -125,9 +125,9 @@ runpy.run_path({train!r}, run_name="__main__")
 """
 
 
-def launcher(template, folder):
+def launcher(template, folder, step_seconds=0.5):
     path = folder / "launcher.py"
-    path.write_text(template.format(repo=str(REPO), train=str(REPO / "train.py")))
+    path.write_text(template.format(repo=str(REPO), train=str(REPO / "train.py"), step_seconds=step_seconds))
     return [str(path)]
 
 
