@@ -107,6 +107,11 @@ def get_args_parser():
     parser.add_argument("--amp", action="store_true",
                         help="autocast the models: float16 on CUDA (with GradScaler); bfloat16 on CPU, which is "
                              "emulated and several times slower on CPUs without AVX512-BF16/AMX")
+    parser.add_argument("--amp-vs-float32", action="store_true",
+                        help="also time ours under --amp's autocast (bfloat16 on CPU, float16 with GradScaler on CUDA) "
+                             "against ours in float32, the float32 figures in the torchvision column: a training "
+                             "step and inference at each batch, each column's GFLOP/s as a share of the measured "
+                             "peak in its own precision")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                         help="channels_last (or, with --no-channels-last, the default layout) for both models; "
                              "by default each side runs as its training script does: ours in train.py's memory "
@@ -198,9 +203,12 @@ def measured_peak_gflops(device, size, dtype):
 
 def with_flops(row, flops_per_image, peak_gflops):
     """Add achieved GFLOP/s (images/s x FLOPs per image, an (ours, torchvision column) pair) and its share of the
-    measured peak to a throughput row."""
-    gflops = {side: row[side] * flops / 1e9 for side, flops in zip(("ours", "torchvision"), flops_per_image)}
-    return {**row, "gflops": gflops, "peak_share": {side: value / peak_gflops for side, value in gflops.items()}}
+    measured peak (one figure, or an (ours, torchvision column) pair where the columns differ in precision) to a
+    throughput row."""
+    sides = ("ours", "torchvision")
+    peaks = peak_gflops if isinstance(peak_gflops, tuple) else (peak_gflops,) * 2
+    gflops = {side: row[side] * flops / 1e9 for side, flops in zip(sides, flops_per_image)}
+    return {**row, "gflops": gflops, "peak_share": {side: gflops[side] / peak for side, peak in zip(sides, peaks)}}
 
 
 def make_row(name, ours, theirs, unit, note=""):
@@ -450,6 +458,13 @@ def train_rows(short, pair, images, targets, args, sizes):
                            make_call=lambda model: train_step_fn(model, our_optimizer(model), *on_device, args))
         rows.append(with_flops(row, (flops_per_image[0],) * 2,  # ours on both sides
                                args.peak_gflops))
+    if args.amp_vs_float32:
+        for batch in sizes.train_batches:
+            on_device = to_device(images[:batch], targets[:batch], args.device)
+            rows.append(autocast_row(f"{short} training step, batch {batch}", batch, pair, args, sizes, training=True,
+                                     make_call=lambda model, amp_args: train_step_fn(model, our_optimizer(model),
+                                                                                     *on_device, amp_args),
+                                     flops_per_image=flops_per_image[0]))
     return rows
 
 
@@ -505,7 +520,32 @@ def infer_rows(short, pair, images, args, sizes):
                            make_call=lambda model: inference_fn(model, batch_images, args))
         rows.append(with_flops(row, (flops_per_image[0],) * 2,  # ours on both sides
                                args.peak_gflops))
+    if args.amp_vs_float32:
+        for batch in sizes.infer_batches:
+            batch_images = [image.to(args.device) for image in images[:batch]]
+            rows.append(autocast_row(f"{short} inference end to end, batch {batch}", batch, pair, args, sizes,
+                                     training=False, flops_per_image=flops_per_image[0],
+                                     make_call=lambda model, amp_args: inference_fn(model, batch_images, amp_args)))
     return rows
+
+
+def autocast_row(name, batch, pair, args, sizes, training, make_call, flops_per_image):
+    """Ours under autocast against ours in float32 (the torchvision column), same weights, layout and work;
+    make_call(model, args) builds the call, args.amp saying whether it autocasts. Each column's GFLOP/s is a share
+    of the measured peak in its own precision; the FLOPs are float32's count (autocast changes the precision of the
+    products, not their number)."""
+    lowered = pair.fresh(training)[0]
+    calls = [make_call(model, argparse.Namespace(**{**vars(args), "amp": amp}))
+             for model, amp in ((lowered, True), (copy.deepcopy(lowered), False))]
+    seconds, _ = time_interleaved(calls, sizes, args.device)
+    dtype = utils.autocast_dtype(args.device.type)
+    row = throughput_row(f"{name}, ours {dtype_name(dtype)} vs ours float32", batch, seconds, "img/s",
+                         note="torchvision column: ours float32")
+    return with_flops(row, (flops_per_image,) * 2, (args.peak_by_dtype[dtype], args.peak_by_dtype[torch.float32]))
+
+
+def dtype_name(dtype):
+    return str(dtype).removeprefix("torch.")
 
 
 def sides_flops_per_image(pair, calls, batch, factor=1):
@@ -910,13 +950,19 @@ def main(args):
     if args.repeats is not None:
         sizes = Sizes(**{**asdict(sizes), "repeats": args.repeats})
     info = machine_info(args.device)
-    args.peak_gflops = None
+    args.peak_gflops, args.peak_by_dtype = None, {}
     if {"train", "infer"} & set(args.rows):
-        peak_dtype = utils.autocast_dtype(args.device.type) if args.amp else torch.float32
-        info["peak_dtype"] = str(peak_dtype).removeprefix("torch.")
-        log(f"measuring the {info['peak_dtype']} peak (a matmul and a convolution)")
-        info["peak_gflops_by_operation"] = measured_peak_gflops(args.device, sizes.peak_matmul_size, peak_dtype)
-        info["peak_gflops"] = args.peak_gflops = max(info["peak_gflops_by_operation"].values())
+        autocast_dtype = utils.autocast_dtype(args.device.type)
+        peak_dtype = autocast_dtype if args.amp else torch.float32
+        info["peak_dtype"] = dtype_name(peak_dtype)
+        info["peak_gflops_by_dtype"] = {}
+        for dtype in dict.fromkeys([peak_dtype, *([autocast_dtype, torch.float32] if args.amp_vs_float32 else [])]):
+            log(f"measuring the {dtype_name(dtype)} peak (a matmul and a convolution)")
+            by_operation = measured_peak_gflops(args.device, sizes.peak_matmul_size, dtype)
+            info["peak_gflops_by_dtype"][dtype_name(dtype)] = by_operation
+            args.peak_by_dtype[dtype] = max(by_operation.values())
+        info["peak_gflops_by_operation"] = info["peak_gflops_by_dtype"][info["peak_dtype"]]
+        info["peak_gflops"] = args.peak_gflops = args.peak_by_dtype[peak_dtype]
     started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     rows, profiles = [], []
     with tempfile.TemporaryDirectory() as tmp:
@@ -936,20 +982,22 @@ def main(args):
     print(f"# {command}\n# {started}; {info['cpu']} ({info['cpu_capability']}), {info['cpu_count']} cpus, "
           f"{info['torch_threads']} torch threads, device {info['device']}, torch {info['versions']['torch']}, torchvision {info['versions']['torchvision']}, "
           f"load average at start {info['load_average_at_start']:.2f}")
-    if args.peak_gflops:
-        by_operation = info["peak_gflops_by_operation"]
-        print(f"# measured peak: {significant(args.peak_gflops)} GFLOP/s (the better of a {info['peak_dtype']} "
+    for dtype, by_operation in info.get("peak_gflops_by_dtype", {}).items():
+        print(f"# measured {dtype} peak: {significant(max(by_operation.values()))} GFLOP/s (the better of a {dtype} "
               f"matmul of {sizes.peak_matmul_size}x{sizes.peak_matmul_size} matrices, "
               f"{significant(by_operation['matmul'])}, "
-              f"and a dense 3x3 convolution, {significant(by_operation['convolution'])}); training and inference "
-              "rows show the GFLOP/s each side achieves, from FlopCounterMode's count of the model's FLOPs")
+              f"and a dense 3x3 convolution, {significant(by_operation['convolution'])})")
+    if args.peak_gflops:
+        print(f"# training and inference rows show the GFLOP/s each side achieves, from FlopCounterMode's count of "
+              f"the model's FLOPs, and its share of the {info['peak_dtype']} peak (rows of ours in two precisions: "
+              f"of each column's own)")
     print(format_table(rows))
     for profile in profiles:
         print(f"\n{profile}")
     if args.json:
         report = {"date": started, "command": command, "machine": info, "sizes": asdict(sizes),
                   "flags": {"device": str(args.device), "amp": args.amp, "channels_last": args.channels_last,
-                            "compile": args.compile},
+                            "compile": args.compile, "amp_vs_float32": args.amp_vs_float32},
                   "rows": rows}
         safe_io.write_text_atomic(args.json, json.dumps(report, indent=2) + "\n")
 

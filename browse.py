@@ -28,6 +28,7 @@ import torch
 import cli
 import coco_eval
 import coco_utils
+import detection_datasets
 import predict
 import presets
 import safe_io
@@ -57,8 +58,8 @@ def load_dataset(args):
     train_args = train.get_args_parser().parse_args(flags)
     train.fill_in_implied_flags(train_args)
     if args.dataset == "shapes" and not os.path.exists(train_args.data_path):
-        train.prepare_data_root(train_args)  # generated on first use, as train.py does
-    training, validation = train.get_datasets(train_args)
+        detection_datasets.prepare_data_root(train_args)  # generated on first use, as train.py does
+    training, validation = detection_datasets.get_datasets(train_args)
     dataset = training if args.split == "train" else validation
     dataset.transforms = None
     return dataset

@@ -38,7 +38,9 @@ def encode(boxes: Tensor, anchors: Tensor) -> Tensor:
 
 def decode(deltas: Tensor, anchors: Tensor) -> Tensor:
     """Boxes [..., 4] XYXY predicted by the regression outputs deltas [..., 4] for anchors [..., 4]."""
-    anchors = anchors.to(deltas.dtype)
+    # In float32 at least: bfloat16 pixel coordinates near 300 or 512 are 2 px apart (float16's 0.25 px).
+    dtype = torch.promote_types(deltas.dtype, torch.float32)
+    deltas, anchors = deltas.to(dtype), anchors.to(dtype)
     anchor_cx, anchor_cy, anchor_w, anchor_h = _centre_size(anchors)
     wx, wy, ww, wh = WEIGHTS
     cx = deltas[..., 0] / wx * anchor_w + anchor_cx

@@ -153,7 +153,10 @@ class SSD(nn.Module):
         """Smooth L1 box loss on matched anchors plus softmax cross-entropy on the matched anchors and the
         hardest negatives (neg_to_pos_ratio per positive, per image), both divided by the number of matched
         anchors in the batch. gt_* are padded [B, M] targets in the resized frame."""
-        bbox_regression, cls_logits = head_outputs["bbox_regression"], head_outputs["cls_logits"]
+        # In float32 at least, with or without autocast: bfloat16 sums and cross-entropies would round the loss and
+        # tie the hard-negative ranking (autocast's own float32 list would do the same for these ops).
+        dtype = torch.promote_types(head_outputs["cls_logits"].dtype, torch.float32)
+        bbox_regression, cls_logits = (head_outputs[key].to(dtype) for key in ("bbox_regression", "cls_logits"))
         matches = match_anchors(gt_boxes, gt_valid, anchors, self.iou_thresh)  # [B, A]
         foreground = matches >= 0
         num_foreground = foreground.sum().clamp(min=1)
@@ -204,7 +207,7 @@ def hard_negatives(cls_logits: Tensor, positive: Tensor, num_negative: Tensor) -
     candidate = ~positive & (count > 0) & (gap >= kth_gap - math.log(num_classes - 1) - _MINING_MARGIN)
     image_idx, anchor_idx = torch.where(candidate)
     background = torch.zeros_like(image_idx)
-    candidate_loss = F.cross_entropy(cls_logits[image_idx, anchor_idx], background, reduction="none")
+    candidate_loss = F.cross_entropy(cls_logits[image_idx, anchor_idx].to(dtype), background, reduction="none")
     loss = torch.full(positive.shape, -math.inf, dtype=candidate_loss.dtype, device=positive.device)
     loss[image_idx, anchor_idx] = candidate_loss
     order = loss.topk(most, dim=1).indices

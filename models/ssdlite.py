@@ -4,6 +4,7 @@ Behaves like torchvision's ssdlite320_mobilenet_v3_large (same state_dict, losse
 """
 from functools import partial
 
+import torch
 from torch import nn, Tensor
 from torchvision.models import mobilenet_v3_large
 from torchvision.ops.misc import Conv2dNormActivation
@@ -46,6 +47,26 @@ def _extra_block(in_channels: int, out_channels: int) -> nn.Sequential:
         conv(mid_channels, mid_channels, kernel_size=3, stride=2, groups=mid_channels),
         conv(mid_channels, out_channels, kernel_size=1),
     )
+
+
+class DepthwiseConv2d(nn.Conv2d):
+    """A depthwise convolution that stays in float32 under CPU bfloat16 autocast (train.py --amp on a CPU): there
+    oneDNN's bfloat16 depthwise kernels, the backward above all, are slower than its float32 ones, where the model's
+    other convolutions gain (docs/bfloat16.md). Everywhere else, as nn.Conv2d; the same parameters and state_dict."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and \
+                torch.get_autocast_dtype("cpu") == torch.bfloat16:
+            with torch.autocast("cpu", enabled=False):
+                return super().forward(x.float())
+        return super().forward(x)
+
+
+def use_float32_depthwise_convolutions(model: nn.Module) -> nn.Module:
+    for module in model.modules():
+        if type(module) is nn.Conv2d and module.groups > 1 and module.groups == module.in_channels:
+            module.__class__ = DepthwiseConv2d
+    return model
 
 
 class MobileNetV3Extractor(nn.Module):
@@ -141,4 +162,4 @@ def ssdlite320_mobilenet_v3_large(
         },
     )
     load_planned_weights(model, plan)
-    return model
+    return use_float32_depthwise_convolutions(model)

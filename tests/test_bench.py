@@ -19,9 +19,15 @@ TIME_UNITS = ("ms/batch", "s")
 def quick_run(tmp_path_factory):
     report = tmp_path_factory.mktemp("bench") / "bench.json"
     # SSDlite only: SSD300's VGG16 would take minutes on 2 CPU cores even at the quick sizes.
-    result = run_script("bench.py", "--quick", "--model", LITE, "--json", report, "--profile", 6)
+    result = run_script("bench.py", "--quick", "--model", LITE, "--json", report, "--profile", 6, "--amp-vs-float32")
     assert_ok(result)
     return json.loads(report.read_text()), result.stdout
+
+
+AUTOCAST_ROWS = ["training step, batch 2, ours bfloat16 vs ours float32",
+                 "training step, batch 3, ours bfloat16 vs ours float32",
+                 "inference end to end, batch 1, ours bfloat16 vs ours float32",
+                 "inference end to end, batch 2, ours bfloat16 vs ours float32"]
 
 
 def test_report_has_every_row_with_positive_figures_and_exact_ratios(quick_run):
@@ -29,9 +35,9 @@ def test_report_has_every_row_with_positive_figures_and_exact_ratios(quick_run):
     assert {"date", "command", "machine", "sizes", "flags", "rows"} <= set(report)
     assert report["machine"]["versions"]["torch"] and report["machine"]["cpu_count"] >= 1
     assert "--quick" in report["command"] and report["flags"] == {"device": "cpu", "amp": False, "channels_last": None,
-                                                                   "compile": False}
-    kinds = ["training step, batch 2", "training step, batch 3", "inference end to end, batch 1",
-             "inference end to end, batch 2", "post-processing, batch 2", "loss, batch 2",
+                                                                   "compile": False, "amp_vs_float32": True}
+    kinds = ["training step, batch 2", "training step, batch 3", *AUTOCAST_ROWS[:2], "inference end to end, batch 1",
+             "inference end to end, batch 2", *AUTOCAST_ROWS[2:], "post-processing, batch 2", "loss, batch 2",
              "ssdlite policy, 0 workers", "ssdlite policy, 2 workers", "pycocotools", "faster-coco-eval"]
     names = [row["name"] for row in report["rows"]]
     assert len(names) == len(kinds) == len(set(names))
@@ -53,15 +59,22 @@ def test_model_rows_report_achieved_gflops_against_the_measured_peak(quick_run):
     assert set(by_operation) == {"matmul", "convolution"} and peak == max(by_operation.values())
     assert math.isfinite(peak) and peak > 0
     assert report["machine"]["peak_dtype"] == "float32"  # the rows' precision: no --amp
+    # --amp-vs-float32 measures the autocast precision's peak too; its rows' ours column is a share of that one.
+    by_dtype = report["machine"]["peak_gflops_by_dtype"]
+    assert list(by_dtype) == ["float32", "bfloat16"] and by_dtype["float32"] == by_operation
+    column_peaks = {"ours": max(by_dtype["bfloat16"].values()), "torchvision": peak}
     # SSDlite320 is 0.58 GMAC per image (torchvision's published figure): 1.17 GFLOP forward, 3x that for a step.
     expected_gflop_per_image = {"inference": 1.166, "training": 3 * 1.166}
     model_rows = [row for row in report["rows"] if "training step" in row["name"] or "inference" in row["name"]]
-    assert len(model_rows) == 4
+    assert len(model_rows) == 8
     for row in model_rows:
         kind = "training" if "training" in row["name"] else "inference"
+        autocast = row["name"].endswith("ours bfloat16 vs ours float32")
+        assert (row["note"] == "torchvision column: ours float32") == autocast
         for side in ("ours", "torchvision"):
             assert row["gflops"][side] / row[side] == pytest.approx(expected_gflop_per_image[kind], rel=0.01)
-            assert row["peak_share"][side] == pytest.approx(row["gflops"][side] / peak, rel=1e-9)
+            side_peak = column_peaks[side] if autocast else peak
+            assert row["peak_share"][side] == pytest.approx(row["gflops"][side] / side_peak, rel=1e-9)
     assert all("gflops" not in row for row in report["rows"] if row not in model_rows)
 
 
