@@ -54,6 +54,9 @@ def find_images(inputs, output_dir):
         if os.path.isfile(item):
             candidates = [(item, os.path.basename(item))]
         elif os.path.isdir(item):
+            if os.path.abspath(item) != output_dir and earlier_outputs(item):
+                raise cli.UserInputError(f"input {item}: an earlier predict.py run's output (its {SUMMARY_NAME} "
+                                         "lists pictures with boxes drawn on them), not images to predict on")
             candidates = [(path, os.path.relpath(path, item)) for path in walk_images(item, skip=output_dir)]
         else:
             raise cli.UserInputError(f"input {item}: no such file or folder")

@@ -3,7 +3,7 @@ pairs with torchvision's SSD, an empty torch hub cache, and the COCO-layout fold
 use are in helpers.py."""
 import pytest
 
-from helpers import LITE, SSD300, TINY_SHAPES, assert_ok, model_pair, run_script, train_args, write_coco_folder
+from helpers import LITE, SSD300, TINY, TINY_SHAPES, assert_ok, model_pair, run_script, train_args, write_coco_folder
 
 
 @pytest.fixture(scope="session")
@@ -12,6 +12,16 @@ def shapes_root(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("data") / "shapes"
     shapes.ensure_shapes_dataset(root, **TINY_SHAPES)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory):
+    """8 training and 2 validation shapes images: tiny_run_args's data, four steps per epoch."""
+    import shapes
+
+    root = tmp_path_factory.mktemp("data") / "tiny"
+    shapes.ensure_shapes_dataset(root, **TINY)
     return root
 
 

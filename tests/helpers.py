@@ -3,6 +3,7 @@ run's flags, model pairs with torchvision's SSD (the oracle) and comparisons of 
 the one writer of COCO-layout folders, and ground truth with detections for COCO evaluation. Plain functions and
 constants; the fixtures built on them are in conftest.py."""
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -10,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +59,50 @@ def run_script(script, *args, cwd=None, env=None, launcher=None):
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(command, cwd=cwd or REPO, capture_output=True, text=True, timeout=SCRIPT_TIMEOUT,
                           env=full_env)
+
+
+# Runs each case the way `python SCRIPT ARGS` runs it (the script executed as __main__, its SystemExit turned into
+# the exit code and the message the interpreter would print), all in one interpreter: a process per case would pay
+# for importing torch each time. For cases that end before anything runs in the background (refusals, one-line
+# errors); tests/test_safety.py::test_a_refusal_from_a_real_process covers the process boundary itself.
+CASE_RUNNER = """
+import contextlib, io, json, os, runpy, sys, traceback
+sys.path.insert(0, {repo!r})
+cases_path, results_path = sys.argv[1:3]
+results = {{}}
+for name, (script, argv) in json.load(open(cases_path)).items():
+    sys.argv = [script] + argv
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            runpy.run_path(os.path.join({repo!r}, script), run_name="__main__")
+            code = 0
+        except SystemExit as exit:
+            code = exit.code if isinstance(exit.code, int) else 1
+            if isinstance(exit.code, str):
+                print(exit.code, file=sys.stderr)
+        except BaseException:
+            code = "uncaught"
+            traceback.print_exc()
+    results[name] = [code, stdout.getvalue(), stderr.getvalue()]
+json.dump(results, open(results_path, "w"))
+"""
+
+
+def run_in_one_interpreter(cases, folder):
+    """{name: CompletedProcess} for cases {name: (script, args)}, each run as `python script args` would end it,
+    one after the other in one interpreter (see CASE_RUNNER); folder holds the runner and its files."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "cases.json").write_text(json.dumps({name: [script, [str(arg) for arg in args]]
+                                                   for name, (script, args) in cases.items()}))
+    (folder / "runner.py").write_text(CASE_RUNNER.format(repo=str(REPO)))
+    subprocess.run([sys.executable, str(folder / "runner.py"), str(folder / "cases.json"),
+                    str(folder / "results.json")], cwd=REPO, check=True, timeout=SCRIPT_TIMEOUT,
+                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    results = json.loads((folder / "results.json").read_text())
+    return {name: subprocess.CompletedProcess([script, *map(str, args)], *results[str(name)])
+            for name, (script, args) in cases.items()}
 
 
 def torchrun(nproc):
@@ -345,3 +391,104 @@ def evaluate(gt_path, *updates, backend="pycocotools"):
     with contextlib.redirect_stdout(io.StringIO()):
         evaluator.summarize()
     return evaluator.stats
+
+
+# ---------------------------------------------------------------------- tiny runs as real processes, with signals
+
+# 8 training images at batch 2: four steps per epoch; --eval-freq 2 skips evaluation after epoch 0.
+TINY = {"num_train": 8, "num_val": 2}
+
+
+def tiny_run_args(data_path, output_dir, *extra, epochs=2):
+    return ["--dataset", "shapes", "--data-path", data_path, "--shapes-num-train", TINY["num_train"],
+            "--shapes-num-val", TINY["num_val"], "--model", LITE, "--epochs", epochs, "-b", 2, "--lr", 0.01,
+            "--lr-scheduler", "cosineannealinglr", "--warmup-iters", 1, "-j", 0, "--print-freq", 1, "--seed", 0,
+            "--eval-freq", 2, "--eval-batch-size", 2, "--output-dir", output_dir, *extra]
+
+
+def snapshot(directory):
+    """sha256 of every file under directory, by relative path."""
+    root = Path(directory)
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def stderr_lines(result_stderr):
+    return [line for line in result_stderr.splitlines() if line.strip()]
+
+
+def assert_one_line(returncode, stderr, expected_code, *fragments):
+    """The exit code, exactly one stderr line, no traceback, and the line names what it must."""
+    assert returncode == expected_code, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    lines = stderr_lines(stderr)
+    assert len(lines) == 1, stderr[-3000:]
+    for fragment in fragments:
+        assert str(fragment) in lines[0], lines[0]
+
+
+def start_train(*args, launcher=None):
+    command = [sys.executable, *(launcher or [str(REPO / "train.py")]), *map(str, args)]
+    return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def wait_for_line(process, pattern):
+    """Read process's stdout until a line matches pattern; returns the lines read."""
+    deadline, seen = time.monotonic() + SCRIPT_TIMEOUT, []
+    for line in process.stdout:
+        seen.append(line)
+        if re.search(pattern, line):
+            return seen
+        assert time.monotonic() < deadline, "".join(seen[-30:])
+    raise AssertionError(f"{pattern!r} never printed; exit {process.wait()}: {process.stderr.read()[-3000:]}")
+
+
+def finish(process):
+    stdout, stderr = process.communicate(timeout=SCRIPT_TIMEOUT)
+    return process.returncode, stdout, stderr
+
+
+def temp_files(directory):
+    return [p.name for p in Path(directory).iterdir() if p.name.endswith(".tmp")]
+
+
+# A launcher that runs train.py unchanged in a real process, with torch.save (not our code) made slow once and
+# announcing itself, so that the test can send a real signal while the first checkpoint file is being written.
+SLOW_SAVE_LAUNCHER = """
+import runpy, sys, time
+sys.path.insert(0, {repo!r})
+import torch
+real_save, calls = torch.save, []
+def slow_save(obj, f, *args, **kwargs):
+    real_save(obj, f, *args, **kwargs)
+    if not calls:
+        calls.append(1)
+        print("SAVE-IN-PROGRESS", flush=True)
+        time.sleep(3)
+torch.save = slow_save
+sys.argv = [{train!r}] + sys.argv[1:]
+runpy.run_path({train!r}, run_name="__main__")
+"""
+
+
+# The same with every SGD step (torch's, not ours) made slower, so that a signal sent after the first step's line
+# reliably lands while the epoch is still training, however fast the machine.
+SLOW_STEP_LAUNCHER = """
+import runpy, sys, time
+sys.path.insert(0, {repo!r})
+import torch
+real_step = torch.optim.SGD.step
+def slow_step(self, *args, **kwargs):
+    time.sleep({step_seconds})
+    return real_step(self, *args, **kwargs)
+torch.optim.SGD.step = slow_step
+sys.argv = [{train!r}] + sys.argv[1:]
+runpy.run_path({train!r}, run_name="__main__")
+"""
+
+
+def launcher(template, folder, step_seconds=0.5):
+    path = folder / "launcher.py"
+    path.write_text(template.format(repo=str(REPO), train=str(REPO / "train.py"), step_seconds=step_seconds))
+    return [str(path)]

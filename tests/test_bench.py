@@ -137,22 +137,23 @@ def test_bad_flags_fail_in_one_line(flags, fragment):
 
 @pytest.mark.slow
 def test_ssd512_rows_give_absolute_figures_and_the_ratio_to_our_ssd300(tmp_path):
-    """torchvision has no SSD512: its rows hold our SSD300 in the torchvision column. Model rows only, one repeat:
-    SSD512's VGG16 at 512 px is heavy on 2 CPU cores."""
+    """torchvision has no SSD512: its rows hold our SSD300 in the torchvision column. Inference, post-processing and
+    loss rows, one repeat: SSD512's VGG16 at 512 px is heavy on 2 CPU cores (the training rows take the same path as
+    inference's, through ModelPair, and SSD512 trains in tests/test_ssd512.py)."""
     report = tmp_path / "bench.json"
-    result = run_script("bench.py", "--quick", "--model", "ssd512_vgg16", "--rows", "train", "infer", "postprocess",
-                        "loss", "--json", report)
+    result = run_script("bench.py", "--quick", "--model", "ssd512_vgg16", "--rows", "infer", "postprocess", "loss",
+                        "--json", report)
     assert_ok(result)
     rows = json.loads(report.read_text())["rows"]
     assert [row["name"] for row in rows] == [
-        "SSD512 training step, batch 2", "SSD512 training step, batch 3", "SSD512 inference end to end, batch 1",
-        "SSD512 inference end to end, batch 2", "SSD512 post-processing, batch 2", "SSD512 loss, batch 2"]
+        "SSD512 inference end to end, batch 1", "SSD512 inference end to end, batch 2",
+        "SSD512 post-processing, batch 2", "SSD512 loss, batch 2"]
     for row in rows:
         assert math.isfinite(row["ours"]) and row["ours"] > 0 and row["torchvision"] > 0, row
         assert row["ratio"] == pytest.approx(row["ours"] / row["torchvision"], rel=1e-12)
         assert "torchvision column: our SSD300 (torchvision has no SSD512)" in row["note"], row
     # FLOPs counted on each side: SSD512's network is 200.1 GFLOP per image forward, SSD300's 69.7 (2.87x).
-    for row in rows[:4]:
+    for row in rows[:2]:
         flops = {side: row["gflops"][side] / row[side] for side in ("ours", "torchvision")}
         assert flops["ours"] / flops["torchvision"] == pytest.approx(2.87, rel=0.02), row
-    assert re.search(r"\d+ / \d+ candidates/image", rows[4]["note"])
+    assert re.search(r"\d+ / \d+ candidates/image", rows[2]["note"])

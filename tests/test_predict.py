@@ -128,3 +128,9 @@ def test_a_later_run_skips_an_earlier_runs_output_inside_the_input(lively, tmp_p
     summary = json.loads((photos / "pred2" / "detections.json").read_text())
     assert [record["picture"] for record in summary["images"]] == ["a.png"]
     assert f"skipping folder {photos / 'pred1'}: an earlier predict.py run's output" in capsys.readouterr().err
+
+    # Given an earlier output folder itself, it refuses to predict on the drawn pictures and writes nothing.
+    with pytest.raises(cli.UserInputError, match=f"input {photos / 'pred1'}: an earlier predict.py run's output"):
+        predict.main(parser.parse_args(["--weights", str(checkpoint), "--output-dir", str(tmp_path / "pred3"),
+                                        str(photos / "pred1")]))
+    assert not (tmp_path / "pred3").exists()

@@ -14,7 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import LITE, REPO, SCRIPT_TIMEOUT, assert_ok, read_log, run_script, torchrun, train_args
+from helpers import (LITE, REPO, SCRIPT_TIMEOUT, assert_ok, read_log, run_in_one_interpreter, run_script, torchrun,
+                     train_args)
 from safe_io import LOCK_NAME
 
 # Left out of the quick loop (pytest -m "not slow"): every test runs train.py in a subprocess (torchrun too), most
@@ -206,20 +207,30 @@ BAD_DATA_CASES = {
 }
 
 
+@pytest.fixture(scope="module")
+def bad_data_results(tmp_path_factory, coco_folder):
+    """{case: (result, sha256 of its output folder before, after)}: each case's train.py run on a folder with the
+    defect, all in one interpreter. The output folders hold a file of the user's."""
+    root = tmp_path_factory.mktemp("bad_data")
+    cases, before = {}, {}
+    for case, (break_it, _) in BAD_DATA_CASES.items():
+        data_root, output_dir = root / case / "coco", root / case / "out"
+        if case != "missing_dir":
+            coco_folder(data_root, PICTURES, BOXES)
+            break_it(data_root, coco_folder)
+        output_dir.mkdir(parents=True)
+        (output_dir / "notes.txt").write_text("the user's\n")
+        before[case] = snapshot(output_dir)
+        cases[case] = ("train.py", coco_run(data_root, output_dir))
+    results = run_in_one_interpreter(cases, root / "runner")
+    return {case: (results[case], before[case], snapshot(root / case / "out")) for case in cases}
+
+
 @pytest.mark.parametrize("case", BAD_DATA_CASES)
-def test_bad_data_is_reported_in_one_line(case, tmp_path, coco_folder):
-    break_it, fragments = BAD_DATA_CASES[case]
-    root = tmp_path / "coco"
-    if case != "missing_dir":
-        coco_folder(root, PICTURES, BOXES)
-        break_it(root, coco_folder)
-    output_dir = tmp_path / "out"
-    output_dir.mkdir()
-    (output_dir / "notes.txt").write_text("the user's\n")
-    before = snapshot(output_dir)
-    result = run_script("train.py", *coco_run(root, output_dir))
-    assert_user_error(result, *fragments)
-    assert snapshot(output_dir) == before
+def test_bad_data_is_reported_in_one_line(case, bad_data_results):
+    result, before, after = bad_data_results[case]
+    assert_user_error(result, *BAD_DATA_CASES[case][1])
+    assert after == before
 
 
 def test_bad_flags_are_reported_in_one_line(trained_run, shapes_root, tmp_path):
@@ -238,10 +249,11 @@ def test_bad_flags_are_reported_in_one_line(trained_run, shapes_root, tmp_path):
         (["--resume", "auto", "--output-dir", ""], ["--resume auto", "--output-dir"]),
         (["--format-only", "--output-dir", ""], ["--format-only", "--output-dir"]),
     ]
-    for extra, fragments in cases:
-        args = train_args(shapes_root, tmp_path / "out", epochs=2)
-        result = run_script("train.py", *args, *extra)
-        assert_user_error(result, *fragments)
+    results = run_in_one_interpreter(
+        {index: ("train.py", [*train_args(shapes_root, tmp_path / "out", epochs=2), *extra])
+         for index, (extra, _) in enumerate(cases)}, tmp_path / "runner")
+    for index, (extra, fragments) in enumerate(cases):
+        assert_user_error(results[index], *fragments)
     assert not (tmp_path / "out" / "checkpoint.pth").exists()
 
 

@@ -18,10 +18,9 @@ import models
 import run_folder
 import safe_io
 import shapes
-from helpers import REPO, SCRIPT_TIMEOUT, assert_ok, read_log, run_script
-from test_safety import (CASE_RUNNER, SLOW_SAVE_LAUNCHER, SLOW_STEP_LAUNCHER, assert_one_line, finish, launcher,
-                         snapshot, start_train, stderr_lines, temp_files, tiny_run_args, wait_for_line)
-from test_safety import tiny_root  # noqa: F401 - the fixture, shared
+from helpers import (REPO, SLOW_SAVE_LAUNCHER, SLOW_STEP_LAUNCHER, assert_ok, assert_one_line, finish,
+                     launcher, read_log, run_in_one_interpreter, run_script, snapshot, start_train, stderr_lines,
+                     temp_files, tiny_run_args, wait_for_line)
 
 # The last epoch of a 2-epoch tiny run writes four files: checkpoint.pth, model_1.pth, model_best.pth (with
 # --eval-freq 2 the last epoch is the first evaluated, so the best) and its log line.
@@ -217,14 +216,11 @@ def refused_on_resume(killed_folders, tiny_root, tmp_path_factory):
     for name, (build, _) in REFUSED_ON_RESUME.items():
         (root / name).mkdir()
         extra = build(root / name, uninterrupted)
-        cases[name] = ["train.py", [str(arg) for arg in tiny_run_args(tiny_root, root / name, *extra)]]
+        cases[name] = ("train.py", tiny_run_args(tiny_root, root / name, *extra))
         before[name] = snapshot(root / name)
-    (root / "cases.json").write_text(json.dumps(cases))
-    (root / "runner.py").write_text(CASE_RUNNER.format(repo=str(REPO)))
-    subprocess.run([sys.executable, str(root / "runner.py"), str(root / "cases.json"), str(root / "results.json")],
-                   cwd=REPO, check=True, timeout=SCRIPT_TIMEOUT)
-    results = json.loads((root / "results.json").read_text())
-    return {name: (*results[name], before[name], snapshot(root / name)) for name in cases}
+    results = run_in_one_interpreter(cases, root / "runner")
+    return {name: (results[name].returncode, results[name].stderr, before[name], snapshot(root / name))
+            for name in cases}
 
 
 @pytest.mark.slow

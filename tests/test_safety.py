@@ -1,14 +1,10 @@
 """Issue 16's promises, through the real command line: no user file is ever overwritten (output folder lock, another
 run's folder, predict / export outputs), SIGINT and SIGTERM stop cleanly, bad input stops at start-up in one line,
 one image decoder everywhere, annotation paths stay in the image folder, files follow the umask."""
-import hashlib
 import json
 import os
-import re
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,113 +18,10 @@ import models
 import presets
 import run_folder
 import safe_io
-import shapes
-from helpers import LITE, REPO, SCRIPT_TIMEOUT, assert_ok, read_log, run_script, write_coco_folder
+from helpers import (LITE, SCRIPT_TIMEOUT, SLOW_SAVE_LAUNCHER, SLOW_STEP_LAUNCHER, assert_ok, assert_one_line,
+                     finish, launcher, read_log, run_in_one_interpreter, run_script, snapshot, start_train,
+                     stderr_lines, temp_files, tiny_run_args, wait_for_line, write_coco_folder)
 from models.postprocess import match_detections
-
-# 8 training images at batch 2: four steps per epoch; --eval-freq 2 skips evaluation after epoch 0.
-TINY = {"num_train": 8, "num_val": 2}
-
-
-def tiny_run_args(data_path, output_dir, *extra, epochs=2):
-    return ["--dataset", "shapes", "--data-path", data_path, "--shapes-num-train", TINY["num_train"],
-            "--shapes-num-val", TINY["num_val"], "--model", LITE, "--epochs", epochs, "-b", 2, "--lr", 0.01,
-            "--lr-scheduler", "cosineannealinglr", "--warmup-iters", 1, "-j", 0, "--print-freq", 1, "--seed", 0,
-            "--eval-freq", 2, "--eval-batch-size", 2, "--output-dir", output_dir, *extra]
-
-
-def snapshot(directory):
-    """sha256 of every file under directory, by relative path."""
-    root = Path(directory)
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def stderr_lines(result_stderr):
-    return [line for line in result_stderr.splitlines() if line.strip()]
-
-
-def assert_one_line(returncode, stderr, expected_code, *fragments):
-    """The exit code, exactly one stderr line, no traceback, and the line names what it must."""
-    assert returncode == expected_code, stderr[-3000:]
-    assert "Traceback" not in stderr, stderr[-3000:]
-    lines = stderr_lines(stderr)
-    assert len(lines) == 1, stderr[-3000:]
-    for fragment in fragments:
-        assert str(fragment) in lines[0], lines[0]
-
-
-def start_train(*args, launcher=None):
-    command = [sys.executable, *(launcher or [str(REPO / "train.py")]), *map(str, args)]
-    return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-
-
-def wait_for_line(process, pattern):
-    """Read process's stdout until a line matches pattern; returns the lines read."""
-    deadline, seen = time.monotonic() + SCRIPT_TIMEOUT, []
-    for line in process.stdout:
-        seen.append(line)
-        if re.search(pattern, line):
-            return seen
-        assert time.monotonic() < deadline, "".join(seen[-30:])
-    raise AssertionError(f"{pattern!r} never printed; exit {process.wait()}: {process.stderr.read()[-3000:]}")
-
-
-def finish(process):
-    stdout, stderr = process.communicate(timeout=SCRIPT_TIMEOUT)
-    return process.returncode, stdout, stderr
-
-
-def temp_files(directory):
-    return [p.name for p in Path(directory).iterdir() if p.name.endswith(".tmp")]
-
-
-@pytest.fixture(scope="module")
-def tiny_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data") / "tiny"
-    shapes.ensure_shapes_dataset(root, **TINY)
-    return root
-
-
-# A launcher that runs train.py unchanged in a real process, with torch.save (not our code) made slow once and
-# announcing itself, so that the test can send a real signal while the first checkpoint file is being written.
-SLOW_SAVE_LAUNCHER = """
-import runpy, sys, time
-sys.path.insert(0, {repo!r})
-import torch
-real_save, calls = torch.save, []
-def slow_save(obj, f, *args, **kwargs):
-    real_save(obj, f, *args, **kwargs)
-    if not calls:
-        calls.append(1)
-        print("SAVE-IN-PROGRESS", flush=True)
-        time.sleep(3)
-torch.save = slow_save
-sys.argv = [{train!r}] + sys.argv[1:]
-runpy.run_path({train!r}, run_name="__main__")
-"""
-
-# The same with every SGD step (torch's, not ours) made slower, so that a signal sent after the first step's line
-# reliably lands while the epoch is still training, however fast the machine.
-SLOW_STEP_LAUNCHER = """
-import runpy, sys, time
-sys.path.insert(0, {repo!r})
-import torch
-real_step = torch.optim.SGD.step
-def slow_step(self, *args, **kwargs):
-    time.sleep({step_seconds})
-    return real_step(self, *args, **kwargs)
-torch.optim.SGD.step = slow_step
-sys.argv = [{train!r}] + sys.argv[1:]
-runpy.run_path({train!r}, run_name="__main__")
-"""
-
-
-def launcher(template, folder, step_seconds=0.5):
-    path = folder / "launcher.py"
-    path.write_text(template.format(repo=str(REPO), train=str(REPO / "train.py"), step_seconds=step_seconds))
-    return [str(path)]
 
 
 def stop_during_save(tiny_root, folder, stop_signal):
@@ -326,33 +219,6 @@ STARTUP_CASES = {
 }
 
 
-# Runs each case the way `python SCRIPT ARGS` runs it (the script executed as __main__, its SystemExit turned into
-# the exit code and the message the interpreter would print), all in one interpreter: a process per case would pay
-# for importing torch some twenty times. test_a_refusal_from_a_real_process covers the process boundary itself.
-CASE_RUNNER = """
-import contextlib, io, json, os, runpy, sys, traceback
-sys.path.insert(0, {repo!r})
-cases_path, results_path = sys.argv[1:3]
-results = {{}}
-for name, (script, argv) in json.load(open(cases_path)).items():
-    sys.argv = [script] + argv
-    stderr = io.StringIO()
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(stderr):
-        try:
-            runpy.run_path(os.path.join({repo!r}, script), run_name="__main__")
-            code = 0
-        except SystemExit as exit:
-            code = exit.code if isinstance(exit.code, int) else 1
-            if isinstance(exit.code, str):
-                print(exit.code, file=sys.stderr)
-        except BaseException:
-            code = "uncaught"
-            traceback.print_exc()
-    results[name] = [code, stderr.getvalue()]
-json.dump(results, open(results_path, "w"))
-"""
-
-
 def prepare_case(folder, run):
     """A case's folder: user files that must survive, a photo, a copy of weights and another run's folder."""
     folder.mkdir()
@@ -373,23 +239,20 @@ def start_up_results(stopped_during_save, tiny_root, tmp_path_factory):
     for name, (build, _) in STARTUP_CASES.items():
         prepare_case(root / name, run)
         script, args = build(root / name, run)
-        cases[name] = [script, [str(arg) for arg in args]]
+        cases[name] = (script, args)
         before[name] = snapshot(root / name)
     prepare_case(root / PREDICT_AGAIN, run)
     script, args = predict_into_shots(True)(root / PREDICT_AGAIN, run)
-    cases[PREDICT_AGAIN] = [script, [str(arg) for arg in args]]
+    cases[PREDICT_AGAIN] = (script, args)
     before[PREDICT_AGAIN] = snapshot(root / PREDICT_AGAIN)
     shutil.copytree(run, root / TEST_ONLY)
     args = tiny_run_args(tiny_root, root / TEST_ONLY, "--test-only", "--resume", root / TEST_ONLY / "checkpoint.pth")
-    cases[TEST_ONLY] = ["train.py", [str(arg) for arg in args]]
+    cases[TEST_ONLY] = ("train.py", args)
     before[TEST_ONLY] = snapshot(root / TEST_ONLY)
     run_before = snapshot(run)
-    (root / "cases.json").write_text(json.dumps(cases))
-    (root / "runner.py").write_text(CASE_RUNNER.format(repo=str(REPO)))
-    subprocess.run([sys.executable, str(root / "runner.py"), str(root / "cases.json"), str(root / "results.json")],
-                   cwd=REPO, check=True, timeout=SCRIPT_TIMEOUT)
-    results = json.loads((root / "results.json").read_text())
-    return {name: (*results[name], before[name], snapshot(root / name), run_before, snapshot(run)) for name in cases}
+    results = run_in_one_interpreter(cases, root / "runner")
+    return {name: (results[name].returncode, results[name].stderr, before[name], snapshot(root / name), run_before,
+                   snapshot(run)) for name in cases}
 
 
 TEST_ONLY = "test_only_next_to_a_checkpoint"

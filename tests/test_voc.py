@@ -12,7 +12,7 @@ import voc_utils
 import presets
 import shapes
 from coco_eval import VocEvaluator
-from helpers import TINY_SHAPES, assert_ok, read_log, run_script, torchrun, train_args
+from helpers import TINY_SHAPES, assert_ok, read_log, run_in_one_interpreter, run_script, torchrun, train_args
 
 SHAPE_CLASSES = ["circle", "rectangle", "triangle", "star", "cross"]
 MAP_LINE = re.compile(r"^mAP\s+([0-9.]+)\s+([0-9.]+)", re.MULTILINE)
@@ -225,17 +225,26 @@ BAD_VOC_INPUT = {
 }
 
 
+@pytest.fixture(scope="module")
+def bad_voc_results(tmp_path_factory):
+    """{case: result} of train.py on a VOC folder with each defect, all in one interpreter."""
+    root = tmp_path_factory.mktemp("bad_voc")
+    cases = {}
+    for case, (break_it, extra, _) in BAD_VOC_INPUT.items():
+        voc_root = write_voc(root / case, {"a": (40, 30, [("cat", (2, 2, 20, 20), False)]),
+                                           "b": (40, 30, [("cat", (5, 5, 30, 25), False)])},
+                             {"trainval": ["a"], "test": ["a", "b"]})
+        break_it(voc_root)
+        cases[case] = ("train.py", ["--dataset", "voc", "--data-path", voc_root, "--voc-classes", "cat", *extra,
+                                    "--model", "ssdlite320_mobilenet_v3_large", "--epochs", 1, "-b", 2, "-j", 0,
+                                    "--output-dir", ""])
+    return run_in_one_interpreter(cases, root / "runner")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("case", BAD_VOC_INPUT)
-def test_bad_voc_input_is_reported_in_one_line(case, tmp_path):
-    break_it, extra, fragments = BAD_VOC_INPUT[case]
-    root = write_voc(tmp_path / "voc", {"a": (40, 30, [("cat", (2, 2, 20, 20), False)]),
-                                        "b": (40, 30, [("cat", (5, 5, 30, 25), False)])},
-                     {"trainval": ["a"], "test": ["a", "b"]})
-    break_it(root)
-    result = run_script("train.py", "--dataset", "voc", "--data-path", root, "--voc-classes", "cat", *extra,
-                        "--model", "ssdlite320_mobilenet_v3_large", "--epochs", 1, "-b", 2, "-j", 0,
-                        "--output-dir", "")
+def test_bad_voc_input_is_reported_in_one_line(case, bad_voc_results):
+    result, fragments = bad_voc_results[case], BAD_VOC_INPUT[case][2]
     lines = result.stderr.strip().splitlines()
     assert result.returncode != 0 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     assert all(fragment in lines[0] for fragment in fragments), lines[0]
