@@ -23,6 +23,7 @@ import math
 import multiprocessing
 import os
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -152,8 +153,15 @@ def _render_split(split, num_images, seed, image_size=None, workers=1):
     if workers <= 1:
         yield from map(render, range(num_images))
         return
-    with multiprocessing.get_context("fork").Pool(workers) as pool:
+    with multiprocessing.get_context("fork").Pool(workers, initializer=_leave_signals_to_the_parent) as pool:
         yield from pool.imap(render, range(num_images), chunksize=8)
+
+
+def _leave_signals_to_the_parent():
+    # A forked worker inherits the parent's handlers: train.py's record SIGTERM without exiting, so the SIGTERM with
+    # which the pool ends its workers would leave them waiting forever. Ctrl-C is the parent's to handle.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _write_split(root, split, num_images, seed, image_size=None, workers=1):

@@ -1,6 +1,8 @@
 """Shared fixtures: a tiny shapes dataset on disk and one short real training run (made once per session), model
 pairs with torchvision's SSD, an empty torch hub cache, and the COCO-layout folder writer. The plain helpers they
 use are in helpers.py."""
+import signal
+
 import pytest
 
 from helpers import LITE, SSD300, TINY, TINY_SHAPES, assert_ok, model_pair, run_script, train_args, write_coco_folder
@@ -61,3 +63,13 @@ def coco_folder():
     Module-level builders that tests call without handing it over (test_safety's start-up cases, test_own_data's
     tool exports) import it from helpers."""
     return write_coco_folder
+
+
+@pytest.fixture(autouse=True)
+def restore_stop_signal_handlers():
+    """A test that runs train.main in this process leaves SIGINT and SIGTERM only recorded (utils.record_stop_signals):
+    later tests, and the processes they fork, get the handlers back."""
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for signum, handler in saved.items():
+        signal.signal(signum, handler)

@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import signal
 import threading
 
 import numpy as np
@@ -388,6 +389,23 @@ def test_shapes_of_a_fixed_size_are_the_same_files_whatever_the_number_of_worker
     # The manifest tells the sizes apart: the default (varied) sizes are refused in that folder.
     with pytest.raises(coco_utils.DatasetError, match="image_size=\\[640, 480\\], layout=coco, not .*image_size=varied"):
         shapes.ensure_shapes_dataset(tmp_path / "one", num_train=9, num_val=2)
+
+
+def signal_handlers_seen(split, seed, image_size, index):
+    return signal.getsignal(signal.SIGTERM) == signal.SIG_DFL, signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+
+
+def test_shapes_workers_die_on_sigterm_when_the_parent_only_records_it(monkeypatch):
+    """train.py records SIGTERM without exiting (utils.record_stop_signals), and forked workers inherit handlers.
+    The pool ends its workers with SIGTERM: with the parent's handler they would go on waiting for work, and the
+    generation would never return. So each worker takes the default SIGTERM back and leaves Ctrl-C to the parent."""
+    monkeypatch.setattr(shapes, "_render_image", signal_handlers_seen)  # what each worker sees
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        seen = list(shapes._render_split("train", 16, seed=0, workers=2))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert seen == [(True, True)] * 16
 
 
 def test_shapes_boxes_are_tight():
