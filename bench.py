@@ -936,6 +936,9 @@ def is_bench_report(path):
 
 
 def main(args):
+    if args.amp_vs_float32 and not {"train", "infer"} & set(args.rows):
+        raise cli.UserInputError(f"--amp-vs-float32 times training and inference: --rows {' '.join(args.rows)} has "
+                                 "neither train nor infer")
     if args.json:
         safe_io.check_output_file(args.json, "--json", kind="a bench.py report", is_kind=is_bench_report,
                                   overwrite=args.overwrite)

@@ -126,6 +126,7 @@ def test_table_lists_every_row(quick_run):
 @pytest.mark.parametrize("flags, fragment", [
     (["--repeats", "0"], "argument --repeats: 0 is out of range"),
     (["--data-path", "/nonexistent/coco"], "--data-path: /nonexistent/coco: data folder not found"),
+    (["--amp-vs-float32"], "--amp-vs-float32 times training and inference: --rows data has neither"),
 ])
 def test_bad_flags_fail_in_one_line(flags, fragment):
     result = run_script("bench.py", "--quick", "--rows", "data", "--model", LITE, *flags)

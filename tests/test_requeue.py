@@ -244,8 +244,8 @@ def catches_sigterm(pid):
 # From train.py's first line: plain launches for its imports and start-up, which no machine ends within these; then
 # launches with 2-second SGD steps for the start-up's end and the first training steps, which the first save (after
 # four steps) follows on any machine.
-IMPORT_DELAYS = [0, 0.003, 0.01, 0.02, 0.04, 0.07, 0.1, 0.15, 0.25, 0.4, 0.6]
-TRAINING_DELAYS = [1, 1.5, 2.5, 4, 6]
+IMPORT_DELAYS = [0, 0.005, 0.02, 0.05, 0.1, 0.2, 0.4, 0.7]
+TRAINING_DELAYS = [1, 2.5, 6]
 
 
 @pytest.mark.slow
