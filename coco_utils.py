@@ -242,10 +242,23 @@ def _load_coco(img_folder, ann_file, coco=None, allow_paths_outside=False):
             )
         more = f"; {len(missing) - 1} more image files are missing" if len(missing) > 1 else ""
         raise DatasetError(f"{path}: image file not found (image id {missing[0]}, listed in {ann_file}){more}")
+    _check_each_file_listed_once(coco, ids, ann_file)
     for image_id in ids:
         _check_image_header(os.path.join(img_folder, coco.imgs[image_id]["file_name"]), image_id, coco.imgs[image_id],
                             ann_file)
     return coco, ids
+
+
+def _check_each_file_listed_once(coco, ids, ann_file):
+    """Refuse an image file listed under two image ids: its boxes would be split between them, and each id would
+    be trained and evaluated against part of them (the other part counted as background, or as missed)."""
+    id_of_file = {}
+    for image_id in ids:
+        file_name = coco.imgs[image_id]["file_name"]
+        first = id_of_file.setdefault(os.path.normpath(file_name), image_id)
+        if first != image_id:
+            raise DatasetError(f"{ann_file}: image ids {first} and {image_id} both name the file {file_name!r}: "
+                               "list each image once, with all of its boxes")
 
 
 def _find_image_file(img_folder, info):
@@ -374,6 +387,11 @@ def categories_for_evaluation(recorded, data_categories, source):
     table, renamed = {}, []
     for data_entry in sorted(data_categories.values(), key=lambda entry: entry["id"]):
         label = _matching_class(classes, data_entry, source)
+        if label in table:  # one class cannot stand for two of this data's categories: one would get no detections
+            raise DatasetError(
+                f"this data's categories {table[label]['name']!r} (id {table[label]['id']}) and "
+                f"{data_entry['name']!r} (id {data_entry['id']}) are both the class {classes[label]['name']!r} of "
+                f"{source}: merge them into one category")
         table[label] = dict(data_entry)
         if classes[label]["id"] not in (None, data_entry["id"]):  # names alone record no id to differ
             renamed.append(f"{data_entry['name']!r} {classes[label]['id']}->{data_entry['id']}")

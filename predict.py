@@ -184,10 +184,13 @@ def save_picture(image, path):
     Image.fromarray(image.permute(1, 2, 0).numpy()).save(path, quality=90)
 
 
-def detection_records(output, class_names):
+def detection_records(output, class_names, category_ids):
+    """Each detection's box (XYXY pixels), score, the model's label, its class name and, where the weights record
+    one, the annotation file's category id (a label equals it only where training chose so: docs/own-data.md)."""
     return [
         {"box": [round(v, 2) for v in box], "score": round(score, 4), "label": label,
-         "name": class_names.get(label, str(label))}
+         "name": class_names.get(label, str(label)),
+         **({"category_id": category_ids[label]} if label in category_ids else {})}
         for box, score, label in zip(output["boxes"].tolist(), output["scores"].tolist(), output["labels"].tolist())
     ]
 
@@ -219,14 +222,16 @@ def read_batches(images, batch_size):
         yield batch, len(images)
 
 
-def predict(model, class_names, images, output_dir, records, device="cpu", batch_size=8, print_freq=20):
+def predict(model, class_names, images, output_dir, records, device="cpu", batch_size=8, print_freq=20,
+            category_ids=None):
     """Detect on [(path, picture name)] and write the pictures under output_dir, appending each image's
-    detections.json record to records first: an interrupted run can still list every picture it began to write."""
+    detections.json record to records first: an interrupted run can still list every picture it began to write.
+    category_ids: {label: the annotation file's category id} where the weights record them."""
     start, next_report = time.time(), print_freq
     for batch, consumed in read_batches(images, batch_size):
         outputs = detect(model, [image for _, _, image in batch], device)
         for (path, picture_name, image), output in zip(batch, outputs):
-            detections = detection_records(output, class_names)
+            detections = detection_records(output, class_names, category_ids or {})
             records.append({"file": path, "picture": picture_name, "width": image.shape[2], "height": image.shape[1],
                             "detections": detections})
             save_picture(draw_detections(image, detections), os.path.join(output_dir, picture_name))
@@ -269,6 +274,7 @@ def main(args):
     check_no_foreign_file_replaced(args.output_dir, [*picture_names, SUMMARY_NAME], earlier_outputs(args.output_dir))
     safe_io.prepare_output_dir(args.output_dir)
     model, model_name, class_names = models.load_detector(args.weights, args.model)
+    category_ids = models.category_ids(models.read_weights_record(args.weights)[1])
     model.to(args.device)
     if models.prefers_channels_last(model_name, args.device, training=False):
         model.to(memory_format=torch.channels_last)
@@ -278,7 +284,8 @@ def main(args):
 
     records = []
     try:
-        predict(model, class_names, images, args.output_dir, records, args.device, args.batch_size, args.print_freq)
+        predict(model, class_names, images, args.output_dir, records, args.device, args.batch_size, args.print_freq,
+                category_ids)
     finally:  # also when interrupted, so that a rerun into this folder may replace these pictures
         if records:
             summary = {"model": model_name, "weights": args.weights, "score_thresh": args.score_thresh,

@@ -8,8 +8,8 @@ from . import ssd, ssdlite
 from .ssd import SSD, SSD300_INPUT_SIZE, TargetError, ssd300_vgg16
 from .ssd512 import SSD512_INPUT_SIZE, ssd512_vgg16
 from .ssdlite import SSDLITE320_INPUT_SIZE, ssdlite320_mobilenet_v3_large
-from .weights import (WeightsError, class_names, load_checkpoint_file, load_model_state, read_weights_metadata,
-                      read_weights_record)
+from .weights import (WeightsError, category_ids, class_names, load_checkpoint_file, load_model_state,
+                      read_weights_metadata, read_weights_record)
 
 _BUILDERS = {
     "ssd300_vgg16": ssd300_vgg16,
@@ -38,8 +38,8 @@ _CHANNELS_LAST = {  # (device kind, training) -> model names
 }
 
 __all__ = [
-    "INPUT_SIZES", "SSD", "TRAINABLE_LAYERS", "TargetError", "CompileError", "WeightsError", "class_names",
-    "compile_network", "get_model", "list_models",
+    "INPUT_SIZES", "SSD", "TRAINABLE_LAYERS", "TargetError", "CompileError", "WeightsError", "category_ids",
+    "class_names", "compile_network", "get_model", "list_models",
     "load_checkpoint_file", "load_detector", "load_model_state", "prefers_channels_last", "read_weights_metadata",
     "read_weights_record",
     *_BUILDERS,

@@ -36,6 +36,14 @@ def class_names(categories) -> dict[int, str]:
             for label, entry in (categories or {}).items()}
 
 
+def category_ids(categories) -> dict[int, int]:
+    """{label: category id} of the labels a checkpoint's "categories" records an id for (the category table; the
+    older {label: name} and torchvision's names record none): the annotation files' ids, which labels equal only
+    where build_category_table chose so."""
+    return {int(label): entry["id"] for label, entry in (categories or {}).items()
+            if isinstance(entry, dict) and entry.get("id") is not None}
+
+
 def normalize_class_name(name: str) -> str:
     """The form in which class names are compared: case, spaces, underscores and hyphens do not count."""
     return re.sub(r"[\s_-]+", "", name).casefold()

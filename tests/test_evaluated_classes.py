@@ -95,6 +95,18 @@ def test_classes_are_matched_by_id_and_name_else_by_name_else_refused():
     assert table == data and note == "w records no classes: its labels are taken to be this data's categories"
 
 
+def test_one_class_never_stands_for_two_of_the_data_s_categories():
+    """Two of the data's categories named as one class of the model (a duplicated name, or names equal up to case):
+    evaluating both under one label wrote every detection under the second id and left the first with none, exit 0
+    (hostile-case pass of issue 23). Refused in one line naming both."""
+    for second in ({"id": 6, "name": "apple"}, {"id": 6, "name": "Apple"}):
+        data = coco_utils.build_category_table({"f": coco_utils.build_coco_api(
+            {"images": [], "annotations": [], "categories": [*TRAINED, second]})})
+        with pytest.raises(coco_utils.DatasetError, match=f"this data's categories 'apple' .id 1. and "
+                           f"'{second['name']}' .id 6. are both the class 'apple' of w: merge them into one category"):
+            coco_utils.categories_for_evaluation(TABLE, data, "w")
+
+
 @pytest.mark.parametrize("flags, message", [
     ((), "--test-only needs the model to evaluate"),
     (("--resume", "auto"), "--test-only --resume auto: no .*checkpoint.pth to evaluate"),

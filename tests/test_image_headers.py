@@ -1,6 +1,7 @@
 """What can be checked at start-up is (issue 23): every image header is read when the dataset is made, so a wrong
 size stops the run before the first epoch, naming the EXIF orientation where it explains the difference; whole-number
-float sizes are accepted; a file name stored in the other Unicode normalization on disk is found."""
+float sizes are accepted; a file name stored in the other Unicode normalization on disk is found; a file listed
+under two image ids is refused."""
 import json
 import unicodedata
 
@@ -60,3 +61,16 @@ def test_a_name_in_the_other_unicode_normalization_is_found(tmp_path, on_disk, i
     dataset = coco_utils.get_coco(None, "train", None, img_folder=str(folder), ann_file=str(ann_file),
                                   keep_empty_images=True)
     assert dataset[0][0].size == (40, 30)
+
+
+@pytest.mark.parametrize("use_v2", [False, True])
+@pytest.mark.parametrize("second_name", ["a.png", "./a.png"])
+def test_a_file_listed_under_two_image_ids_is_refused(tmp_path, second_name, use_v2):
+    """Its boxes split between two ids: each id was trained and evaluated against part of them (the rest counted as
+    background, or as missed), exit 0 (hostile-case pass of issue 23)."""
+    images = [{"id": 1, "file_name": "a.png", "width": 40, "height": 30},
+              {"id": 7, "file_name": second_name, "width": 40, "height": 30}]
+    folder, ann_file = write_coco_folder(tmp_path, {"a.png": picture()}, [], images=images, splits=("val",))["val"]
+    with pytest.raises(coco_utils.DatasetError, match=f"instances_val2017.json: image ids 1 and 7 both name the file "
+                       f"'{second_name}': list each image once, with all of its boxes$"):
+        coco_utils.get_coco(None, "val", None, use_v2=use_v2, img_folder=str(folder), ann_file=str(ann_file))

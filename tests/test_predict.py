@@ -134,3 +134,24 @@ def test_a_later_run_skips_an_earlier_runs_output_inside_the_input(lively, tmp_p
         predict.main(parser.parse_args(["--weights", str(checkpoint), "--output-dir", str(tmp_path / "pred3"),
                                         str(photos / "pred1")]))
     assert not (tmp_path / "pred3").exists()
+
+
+def test_detections_name_the_annotation_file_s_category_ids(lively, tmp_path):
+    """A model trained on sparse ids has labels 1..K, not the ids: predict.py's detections.json gave the label alone,
+    which read as an id named another class (hostile-case pass of issue 23). Each detection now carries the
+    category id the checkpoint records for its label; older checkpoints ({label: name}) record none."""
+    _, model = lively
+    table = {label: {"id": category_id, "name": CATEGORIES[label]} for label, category_id in ((1, 1), (2, 7), (3, 100))}
+    checkpoint = tmp_path / "model_1.pth"
+    torch.save({"model": model.state_dict(), "epoch": 1, "args": {"model": LITE}, "categories": table}, checkpoint)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    save_smooth_image(photos / "a.png", 64, 48, seed=1)
+    parser = predict.get_args_parser()
+    predict.main(parser.parse_args(["--weights", str(checkpoint), "--score-thresh", "0.3",
+                                    "--output-dir", str(tmp_path / "pred"), str(photos)]))
+    detections = json.loads((tmp_path / "pred" / "detections.json").read_text())["images"][0]["detections"]
+    assert FAVOURED_LABEL in {detection["label"] for detection in detections}
+    assert all(detection["category_id"] == table[detection["label"]]["id"] and
+               detection["name"] == CATEGORIES[detection["label"]] for detection in detections)
+    assert models.category_ids(CATEGORIES) == {}
