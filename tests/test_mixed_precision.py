@@ -100,3 +100,23 @@ def test_amp_auto_autocasts_only_where_the_cpu_has_bfloat16_instructions(flags, 
     dtype, scaler = train.amp_setup(args, torch.device("cpu"))
     assert dtype == expected and scaler is None
     assert capsys.readouterr().out.strip() == printed
+
+
+def test_depthwise_convolutions_stay_float32_under_cpu_bfloat16_autocast():
+    """SSDlite's depthwise convolutions run in float32 under CPU bfloat16 autocast (oneDNN's bfloat16 depthwise
+    kernels are the slower ones there: docs/bfloat16.md); its other convolutions autocast as before."""
+    from models.ssdlite import DepthwiseConv2d
+
+    model = models.get_model("ssdlite320_mobilenet_v3_large", num_classes=3)
+    convolutions = [module for module in model.modules() if isinstance(module, torch.nn.Conv2d)]
+    depthwise = [module for module in convolutions if module.groups > 1]
+    assert len(depthwise) > 10 and all(type(module) is DepthwiseConv2d for module in depthwise)
+    assert all(type(module) is torch.nn.Conv2d for module in convolutions if module.groups == 1)
+    x = torch.randn(2, depthwise[0].in_channels, 20, 20)
+    pointwise = next(module for module in convolutions if module.groups == 1 and module.in_channels == x.shape[1])
+    with torch.no_grad():
+        expected = depthwise[0](x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            kept, lowered = depthwise[0](x), pointwise(x)
+    assert kept.dtype == torch.float32 and torch.equal(kept, expected)
+    assert lowered.dtype == torch.bfloat16
