@@ -65,7 +65,6 @@ MAX_EPOCHS = 100_000
 MAX_ITERATIONS = 10**9  # --warmup-iters, --print-freq
 MAX_LR = 10.0  # over sixty times the largest published recipe's (0.15, SSDlite at 8 x 24 images)
 MAX_ASPECT_RATIO_BINS = 100
-AMP_MODES = ("off", "on", "auto")
 
 
 def get_args_parser(add_help=True):
@@ -165,11 +164,9 @@ def get_args_parser(add_help=True):
                        help="MultiStepLR factor, above 0 and at most 1")
     optim.add_argument("--warmup-iters", default=1000, type=cli.whole_number(0, MAX_ITERATIONS),
                        help="linear warm-up iterations in the first epoch (torchvision: 1000)")
-    optim.add_argument("--amp", nargs="?", const="on", default="off", choices=AMP_MODES,
-                       help="mixed precision. --amp: float16 autocast with GradScaler on CUDA, bfloat16 autocast on "
-                            "CPU (emulated, so slower, without AVX512-BF16 or AMX); --amp auto: the same where the "
-                            "hardware runs it natively (CUDA, CPUs with AVX512-BF16 or AMX), float32 elsewhere, in "
-                            "one printed line (docs/bfloat16.md)")
+    optim.add_argument("--amp", action="store_true",
+                       help="mixed precision: float16 + GradScaler on CUDA, bfloat16 on CPU (emulated, so slower, "
+                            "without AVX512-BF16 or AMX; how bfloat16 learns against float32: docs/bfloat16.md)")
     optim.add_argument("--seed", default=None, type=cli.seed,
                        help=f"seed every random generator, from 0 to {cli.SEED_LIMIT - 1} (default: a fresh seed, "
                             "printed and stored in the checkpoints, so a run can be repeated with --seed)")
@@ -232,7 +229,7 @@ def validate_args(args):
                                ("--tensorboard", args.tensorboard)):
         if needs_output and not args.output_dir:
             raise ConfigError(f"{flag} needs an --output-dir")
-    if args.amp == "on" and args.device.startswith("cpu") and not utils.cpu_has_bfloat16_instructions():
+    if args.amp and args.device.startswith("cpu") and not utils.cpu_has_bfloat16_instructions():
         print("warning: --amp on CPU uses bfloat16 autocast, which this CPU emulates (no AVX512-BF16 or AMX): "
               "several times slower than float32", file=sys.stderr)
     detection_datasets.validate_voc_args(args)
@@ -328,20 +325,11 @@ def build_lr_scheduler(optimizer, args):
 
 
 def amp_setup(args, device):
-    """(autocast dtype or None, GradScaler or None): float16 with loss scaling on CUDA, bfloat16 on CPU; with
-    --amp auto only where the hardware has the instructions (bfloat16 learned as float32 did: docs/bfloat16.md)."""
-    native = device.type == "cuda" or (device.type == "cpu" and utils.cpu_has_bfloat16_instructions())
-    dtype = utils.autocast_dtype(device.type)
-    if args.amp == "auto":
-        print(f"--amp auto: {dtype_name(dtype)} autocast{' with GradScaler' if device.type == 'cuda' else ''} on "
-              f"{device.type}" if native else f"--amp auto: float32 ({device.type} runs {dtype_name(dtype)} emulated)")
-    if args.amp == "off" or (args.amp == "auto" and not native):
+    """(autocast dtype or None, GradScaler or None): float16 with loss scaling on CUDA, bfloat16 on CPU."""
+    if not args.amp:
         return None, None
+    dtype = utils.autocast_dtype(device.type)
     return dtype, torch.amp.GradScaler("cuda") if device.type == "cuda" else None
-
-
-def dtype_name(dtype):
-    return str(dtype).removeprefix("torch.")
 
 
 def build_model(args, num_classes, class_names, device, resume_checkpoint):

@@ -83,25 +83,6 @@ def test_default_boxes_and_box_coding_stay_float32_under_autocast(name):
     torch.testing.assert_close(exact, boxes[near], rtol=0, atol=1e-3)
 
 
-@pytest.mark.parametrize("flags, has_bfloat16, expected, printed", [
-    ([], True, None, ""),
-    (["--amp"], False, torch.bfloat16, ""),  # asked for: emulated, with validate_args's warning
-    (["--amp", "auto"], True, torch.bfloat16, "--amp auto: bfloat16 autocast on cpu"),
-    (["--amp", "auto"], False, None, "--amp auto: float32 (cpu runs bfloat16 emulated)"),
-    (["--amp", "off"], True, None, ""),
-])
-def test_amp_auto_autocasts_only_where_the_cpu_has_bfloat16_instructions(flags, has_bfloat16, expected, printed,
-                                                                          monkeypatch, capsys):
-    import train
-    import utils
-
-    monkeypatch.setattr(utils, "cpu_has_bfloat16_instructions", lambda: has_bfloat16)
-    args = train.get_args_parser().parse_args([*flags, "--epochs", "1"])
-    dtype, scaler = train.amp_setup(args, torch.device("cpu"))
-    assert dtype == expected and scaler is None
-    assert capsys.readouterr().out.strip() == printed
-
-
 def test_depthwise_convolutions_stay_float32_under_cpu_bfloat16_autocast():
     """SSDlite's depthwise convolutions run in float32 under CPU bfloat16 autocast (oneDNN's bfloat16 depthwise
     kernels are the slower ones there: docs/bfloat16.md); its other convolutions autocast as before."""
