@@ -53,6 +53,7 @@ import cli
 import coco_eval
 import coco_utils
 import predict
+import run_folder
 import safe_io
 
 SUMMARY_NAME = "analysis.json"
@@ -354,9 +355,27 @@ def input_paths(args):
     return [path for path in (args.annotations, args.detections, args.images) if path is not None]
 
 
+def check_detections_were_made_on(detections_path, annotations_path):
+    """Where train.py --test-only's metrics.json sits beside the detections, it names the annotation file they were
+    evaluated on by SHA-256: refuse another one. Its image and category ids may well overlap, and the analysis would
+    then be of detections against the wrong ground truth, without a word."""
+    metrics_path = os.path.join(os.path.dirname(os.path.abspath(detections_path)), run_folder.METRICS_NAME)
+    try:
+        with open(metrics_path, encoding="utf-8") as f:
+            evaluated = json.load(f)["evaluated"]
+        recorded = evaluated["annotation_sha256"]
+    except (OSError, ValueError, RecursionError, KeyError, TypeError):  # none, or one that records no fingerprint
+        return
+    if recorded != safe_io.sha256_of_file(annotations_path):
+        raise cli.UserInputError(
+            f"--detections {detections_path}: {metrics_path} says they were made on {evaluated.get('annotation_file')}"
+            f", whose content differs from --annotations {annotations_path}; analyze them against that file")
+
+
 def main(args):
     validate_args(args)
     predict.check_output_dir_holds_no_input(args.output_dir, input_paths(args))
+    check_detections_were_made_on(args.detections, args.annotations)
     coco_gt = coco_utils.load_annotation_file(args.annotations)
     results = read_detections(args.detections, coco_gt)
     class_ids = sorted(coco_gt.cats)

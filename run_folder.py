@@ -508,9 +508,13 @@ def write_evaluation_files(args, dataset, evaluator, metrics, weights_identity):
     print(f"wrote {detections_path}")
     if metrics is None:
         return
+    annotation_file = coco_utils.get_annotation_file(dataset)
     evaluated = {
         **weights_identity,
-        "annotation_file": coco_utils.get_annotation_file(dataset),
+        "annotation_file": annotation_file,
+        # By content too, so that analyze.py can tell these detections from those of another annotation file.
+        **({"annotation_sha256": safe_io.sha256_of_file(annotation_file)}
+           if annotation_file and os.path.isfile(annotation_file) else {}),
         "images": len(dataset),
         "model": args.model,
         "args": checkpoint_args(args),

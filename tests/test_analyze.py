@@ -9,6 +9,7 @@ from PIL import Image
 import analyze
 import cli
 import coco_utils
+import safe_io
 from helpers import assert_ok, run_script
 
 CATEGORY_IDS = [1, 5, 9]  # non-contiguous, like COCO's; matrix positions 0, 1, 2, background 3
@@ -247,6 +248,32 @@ def test_bad_inputs_give_one_line_errors(tmp_path):
     with pytest.raises(cli.UserInputError, match="already holds per_class.json, which no earlier analyze.py"):
         run([], out=foreign)
     assert (foreign / "per_class.json").read_text() == "mine"
+
+
+def test_detections_evaluated_on_another_annotation_file_are_refused(tmp_path):
+    """train.py --test-only's metrics.json beside detections.json names the annotation file they were made on by
+    SHA-256; analyzing them against a file of other content (ids that overlap, boxes that do not) is refused."""
+    gt = write_gt(tmp_path)
+    evaluation = tmp_path / "eval"
+    evaluation.mkdir()
+    (evaluation / "detections.json").write_text(json.dumps(perfect_detections()))
+
+    def metrics_for(annotation_file):
+        (evaluation / "metrics.json").write_text(json.dumps({"evaluated": {
+            "annotation_file": str(annotation_file), "annotation_sha256": safe_io.sha256_of_file(annotation_file)}}))
+
+    other = tmp_path / "other.json"
+    moved = json.loads(gt.read_text())
+    moved["annotations"][0]["bbox"][0] += 40
+    other.write_text(json.dumps(moved))
+    metrics_for(other)
+    with pytest.raises(cli.UserInputError, match=f"says they were made on {other}, whose content differs from "
+                                                 f"--annotations {gt}"):
+        run_main("--annotations", gt, "--detections", evaluation / "detections.json", "--output-dir", tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+    metrics_for(gt)  # the same content, wherever it lies, is the file they were made on
+    run_main("--annotations", gt, "--detections", evaluation / "detections.json", "--output-dir", tmp_path / "b")
+    assert json.loads((tmp_path / "b" / "per_class.json").read_text())["per_class"]["class1"]["FN"] == 0
 
 
 @pytest.mark.slow

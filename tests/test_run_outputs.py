@@ -3,6 +3,7 @@ of --test-only and --format-only, and the one line a missing tensorboard gives. 
 --keep-checkpoints and --tensorboard are checked on the resumed run of test_train.py, --resume auto on the killed
 run of test_reliability.py: one training run each keeps the suite fast.)"""
 import contextlib
+import hashlib
 import io
 import json
 import shutil
@@ -78,6 +79,7 @@ def test_test_only_writes_detections_and_metrics_that_pycocotools_confirms(train
     assert metrics["coco"]["AP50"] > 0  # detections that match something: the comparison means something
     evaluated = metrics["evaluated"]
     assert evaluated["checkpoint"] == str(checkpoint) and evaluated["annotation_file"] == str(annotation_file)
+    assert evaluated["annotation_sha256"] == hashlib.sha256(annotation_file.read_bytes()).hexdigest()
     assert evaluated["model"] == LITE and evaluated["images"] == 11 and evaluated["args"]["test_only"]
     assert evaluated["time"].endswith("+00:00")
 
