@@ -1,8 +1,6 @@
 """Tests of transforms.py and presets.py against torchvision's kernels and v2 transforms as oracles."""
 
-import signal
 import warnings
-from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -36,20 +34,6 @@ def make_target(boxes, labels=None):
 
 
 BOXES = [[5.0, 5.0, 30.0, 40.0], [40.0, 10.0, 70.0, 50.0], [10.0, 30.0, 25.0, 55.0], [60.0, 45.0, 64.0, 49.0]]
-
-
-@contextmanager
-def time_limit(seconds):
-    def fail(*_):
-        raise TimeoutError(f"did not finish within {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, fail)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def assert_consistent(image, target, original):
@@ -218,12 +202,12 @@ def test_accepted_iou_crops_meet_the_constraint(min_iou):
         assert_consistent(out, out_target, target)
 
 
+@pytest.mark.timeout(120)  # a crop loop that never ends on an image without boxes fails here, not after 30 minutes
 def test_iou_crop_on_an_image_without_boxes_returns_it_unchanged():
     image = random_image(7)
     target = make_target([])
-    with time_limit(5):
-        out, out_target = T.RandomIoUCrop()(image, target)
-        fused, fused_target = T.RandomZoomOutIoUCrop(T.RandomZoomOut(p=0.0), T.RandomIoUCrop())(image, target)
+    out, out_target = T.RandomIoUCrop()(image, target)
+    fused, fused_target = T.RandomZoomOutIoUCrop(T.RandomZoomOut(p=0.0), T.RandomIoUCrop())(image, target)
     assert out is image and out_target is target
     assert torch.equal(fused, image) and len(fused_target["boxes"]) == 0
 
