@@ -332,7 +332,24 @@ def amp_setup(args, device):
     return dtype, torch.amp.GradScaler("cuda") if device.type == "cuda" else None
 
 
+def take_default_boxes_of_the_weights(args):
+    """Without --default-boxes, SSD512 --weights keep the default boxes they were trained with (they are not in the
+    state_dict: other boxes would give other detections, silently). Evaluating them with others is refused."""
+    if not args.weights or args.model != "ssd512_vgg16":
+        return
+    recorded = models.read_weights_record(args.weights)[2].get("default_boxes")
+    if recorded is None or args.default_boxes == recorded:
+        return
+    if args.default_boxes is None:
+        print(f"--default-boxes {recorded}: those --weights {args.weights} were trained with")
+        args.default_boxes = recorded
+    elif args.test_only:
+        raise ConfigError(f"--weights {args.weights} were trained with --default-boxes {recorded}: evaluating them "
+                          f"with --default-boxes {args.default_boxes} would score other boxes than they predict")
+
+
 def build_model(args, num_classes, class_names, device, resume_checkpoint):
+    take_default_boxes_of_the_weights(args)
     kwargs = {}
     if args.trainable_backbone_layers is not None:
         kwargs["trainable_backbone_layers"] = args.trainable_backbone_layers

@@ -249,12 +249,13 @@ def test_train_resume_and_test_only(tiny_run):
     assert checkpoint["args"]["model"] == SSD512 and checkpoint["args"]["default_boxes"] == "voc"
     result = run_script("train.py", "--dataset", "shapes", "--data-path", root, "--shapes-num-train",
                         TINY["num_train"], "--shapes-num-val", TINY["num_val"], "--model", SSD512, "--test-only",
-                        "--weights", output_dir / "model_1.pth", "--default-boxes", "voc", "--workers", 0,
-                        "--eval-batch-size", 2, "--output-dir", output_dir / "eval")
-    assert_ok(result)
+                        "--weights", output_dir / "model_1.pth", "--workers", 0, "--eval-batch-size", 2,
+                        "--output-dir", output_dir / "eval")
+    assert_ok(result)  # without --default-boxes: the weights' own (VOC) boxes, said in one line
+    assert f"--default-boxes voc: those --weights {output_dir / 'model_1.pth'} were trained with" in result.stdout
     assert "Average Precision" in result.stdout
     metrics = json.loads((output_dir / "eval" / "metrics.json").read_text())
-    assert metrics["evaluated"]["model"] == SSD512
+    assert metrics["evaluated"]["model"] == SSD512 and metrics["evaluated"]["args"]["default_boxes"] == "voc"
 
 
 @pytest.mark.slow
@@ -268,6 +269,10 @@ def test_default_boxes_of_other_models_and_other_runs_are_refused(tiny_run, tmp_
                         TINY["num_train"], "--shapes-num-val", TINY["num_val"], "--model", SSD512, "--epochs", 3,
                         "--resume", output_dir / "checkpoint.pth", "--output-dir", output_dir)
     assert result.returncode != 0 and "was trained with --default-boxes voc" in result.stderr
+    result = run_script("train.py", "--dataset", "shapes", "--data-path", root, "--model", SSD512, "--test-only",
+                        "--weights", output_dir / "model_1.pth", "--default-boxes", "coco", "--output-dir", "")
+    assert result.returncode != 0
+    assert "were trained with --default-boxes voc: evaluating them with --default-boxes coco" in result.stderr
 
 
 @pytest.mark.slow
