@@ -269,7 +269,8 @@ def test_default_boxes_of_other_models_and_other_runs_are_refused(tiny_run, tmp_
                         TINY["num_train"], "--shapes-num-val", TINY["num_val"], "--model", SSD512, "--epochs", 3,
                         "--resume", output_dir / "checkpoint.pth", "--output-dir", output_dir)
     assert result.returncode != 0 and "was trained with --default-boxes voc" in result.stderr
-    result = run_script("train.py", "--dataset", "shapes", "--data-path", root, "--model", SSD512, "--test-only",
+    result = run_script("train.py", "--dataset", "shapes", "--data-path", root, "--shapes-num-train",
+                        TINY["num_train"], "--shapes-num-val", TINY["num_val"], "--model", SSD512, "--test-only",
                         "--weights", output_dir / "model_1.pth", "--default-boxes", "coco", "--output-dir", "")
     assert result.returncode != 0
     assert "were trained with --default-boxes voc: evaluating them with --default-boxes coco" in result.stderr
