@@ -332,12 +332,20 @@ def amp_setup(args, device):
     return dtype, torch.amp.GradScaler("cuda") if device.type == "cuda" else None
 
 
-def take_default_boxes_of_the_weights(args):
+def read_weights_record(args):
+    """What --weights record (model name, categories, builder options), read once and only where used: evaluation
+    maps labels through their categories, SSD512 keeps their default boxes. None without --weights."""
+    if args.weights and (args.test_only or args.model == "ssd512_vgg16"):
+        return models.read_weights_record(args.weights)
+    return None
+
+
+def take_default_boxes_of_the_weights(args, weights_record):
     """Without --default-boxes, SSD512 --weights keep the default boxes they were trained with (they are not in the
     state_dict: other boxes would give other detections, silently). Evaluating them with others is refused."""
-    if not args.weights or args.model != "ssd512_vgg16":
+    if weights_record is None or args.model != "ssd512_vgg16":
         return
-    recorded = models.read_weights_record(args.weights)[2].get("default_boxes")
+    recorded = weights_record[2].get("default_boxes")
     if recorded is None or args.default_boxes == recorded:
         return
     if args.default_boxes is None:
@@ -349,7 +357,6 @@ def take_default_boxes_of_the_weights(args):
 
 
 def build_model(args, num_classes, class_names, device, resume_checkpoint):
-    take_default_boxes_of_the_weights(args)
     kwargs = {}
     if args.trainable_backbone_layers is not None:
         kwargs["trainable_backbone_layers"] = args.trainable_backbone_layers
@@ -414,6 +421,8 @@ def train_or_evaluate(args, held_for_the_run):
     if args.channels_last is None:
         args.channels_last = models.prefers_channels_last(args.model, device, training=not args.test_only)
     args.seed = choose_seed(args, resume_checkpoint)
+    weights_record = read_weights_record(args)
+    take_default_boxes_of_the_weights(args, weights_record)
     print(args)
     set_up_randomness(args, device)
 
@@ -423,7 +432,7 @@ def train_or_evaluate(args, held_for_the_run):
     categories = coco_utils.get_categories(dataset_test)
     num_classes = coco_utils.get_num_classes(dataset_test)
     if args.test_only:
-        categories, num_classes = evaluated_categories(args, resume_checkpoint, categories)
+        categories, num_classes = evaluated_categories(args, resume_checkpoint, weights_record, categories)
         writes = args.output_dir and utils.is_main_process()
         weights_identity = run_folder.evaluated_weights(args, resume_checkpoint) if writes else None
     elif resume_checkpoint is not None:
@@ -506,13 +515,14 @@ def set_up_randomness(args, device):
         torch.backends.cudnn.benchmark = True  # SSD inputs have one fixed size
 
 
-def evaluated_categories(args, resume_checkpoint, data_categories):
-    """--test-only: (category table, number of classes) of the evaluated weights (--resume or --weights), whose
-    labels mean what they were trained for, matched with the data's (coco_utils.categories_for_evaluation)."""
+def evaluated_categories(args, resume_checkpoint, weights_record, data_categories):
+    """--test-only: (category table, number of classes) of the evaluated weights (--resume or --weights, whose
+    read_weights_record is weights_record), whose labels mean what they were trained for, matched with the data's
+    (coco_utils.categories_for_evaluation)."""
     if resume_checkpoint is not None:
         recorded, source = resume_checkpoint.get("categories") or {}, f"--resume {args.resume}"
     else:
-        recorded, source = models.read_weights_record(args.weights)[1], f"--weights {args.weights}"
+        recorded, source = weights_record[1], f"--weights {args.weights}"
     table, note = coco_utils.categories_for_evaluation(recorded, data_categories, source)
     if note:
         print(note)
