@@ -143,7 +143,8 @@ def detect(model, data_loader, device, coco_backend="pycocotools", amp_dtype=Non
     evaluator = make_evaluator(data_loader.dataset, coco_backend, categories)
 
     for images, targets in metric_logger.log_every(data_loader, 100, header):
-        utils.check_stop("during evaluation")
+        # Every rank has as many batches (the evaluation sampler pads), so all ranks stop at the same one.
+        utils.check_stop("during evaluation", device)
         images = [image.to(device, non_blocking=True) for image in images]
         model_time = time.time()
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):

@@ -467,6 +467,37 @@ def prune_epoch_models(output_dir, keep, newest):
             os.remove(os.path.join(output_dir, name))
 
 
+def open_tensorboard(args, summary_writer_class, resume_checkpoint, purge_step):
+    """The --tensorboard event writer (rank 0). purge_step makes TensorBoard drop whatever a killed run logged from
+    the resumed checkpoint's step on; that includes the checkpoint epoch's own validation scalars, logged at that
+    very step (or never, if the kill came before them), so they are written again from its log record."""
+    writer = summary_writer_class(os.path.join(args.output_dir, TENSORBOARD_DIR), purge_step=purge_step)
+    if resume_checkpoint is not None:
+        record = resume_checkpoint["log_record"]
+        write_tensorboard_metrics(writer, record if "coco" in record else None, step=purge_step)
+    return writer
+
+
+def reconcile_tensorboard(args, checkpoint, summary_writer_class):
+    """A finished run killed during its last epoch's saves lacks that epoch's validation scalars in its events
+    (they come after checkpoint.pth): written where missing, and only then, so that requeueing a finished run once
+    more adds no events file."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    record = checkpoint["log_record"]
+    step = record.get("iterations")
+    if "coco" not in record or type(step) is not int:
+        return
+    folder = os.path.join(args.output_dir, TENSORBOARD_DIR)
+    if os.path.isdir(folder):
+        events = EventAccumulator(folder)
+        events.Reload()
+        if "val/AP" in events.Tags()["scalars"] and any(event.step == step for event in events.Scalars("val/AP")):
+            return
+    open_tensorboard(args, summary_writer_class, checkpoint, purge_step=step).close()
+    print(f"restored the validation scalars of epoch {checkpoint['epoch']} in {TENSORBOARD_DIR}/")
+
+
 def write_tensorboard_metrics(writer, metrics, step):
     if metrics is not None:
         for name, value in metrics["coco"].items():

@@ -415,6 +415,8 @@ def train_or_evaluate(args, held_for_the_run):
         utils.record_stop_signals()  # the run is finished once healed: a signal meanwhile changes nothing
         if holds_folder:
             run_folder.reconcile_outputs(args, resume_checkpoint)
+            if summary_writer_class is not None:
+                run_folder.reconcile_tensorboard(args, resume_checkpoint, summary_writer_class)
         utils.finish_distributed()
         return
     device = torch.device(args.device)
@@ -455,12 +457,11 @@ def train_or_evaluate(args, held_for_the_run):
 
     data_loader, train_sampler = build_train_loader(dataset, args)
     optimizer, lr_scheduler, best = start_or_resume_training(args, model_without_ddp, scaler, resume_checkpoint)
-    del resume_checkpoint
     tensorboard = None
     if summary_writer_class is not None and utils.is_main_process():
-        # purge_step: a resumed run drops what the killed one logged after its checkpoint.
-        tensorboard = summary_writer_class(os.path.join(args.output_dir, run_folder.TENSORBOARD_DIR),
-                                           purge_step=args.start_epoch * len(data_loader))
+        tensorboard = run_folder.open_tensorboard(args, summary_writer_class, resume_checkpoint,
+                                                  purge_step=args.start_epoch * len(data_loader))
+    del resume_checkpoint
 
     print("Start training")
     start_time = time.time()

@@ -327,10 +327,12 @@ def record_stop_signals():
         signal.signal(signum, _record_stop_signal)
 
 
-def check_stop(where):
-    """Raise StopRequested when this process has received a stop signal."""
-    if _stop["signal"] is not None:
-        raise StopRequested(_stop["signal"], where)
+def check_stop(where, device):
+    """Raise StopRequested on every rank when any process has received a stop signal. A collective call: every rank
+    must make it at the same point, and then all stop there together instead of one leaving the others waiting."""
+    stop_signal = stop_signal_of_any_rank(device)
+    if stop_signal:
+        raise StopRequested(stop_signal, where)
 
 
 def stop_signal_of_any_rank(device):

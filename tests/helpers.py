@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from pycocotools.coco import COCO
@@ -427,10 +428,21 @@ def assert_one_line(returncode, stderr, expected_code, *fragments):
         assert str(fragment) in lines[0], lines[0]
 
 
-def start_train(*args, launcher=None):
-    command = [sys.executable, *(launcher or [str(REPO / "train.py")]), *map(str, args)]
+def start_train(*args, launcher=None, prefix=()):
+    command = [*prefix, sys.executable, *(launcher or [str(REPO / "train.py")]), *map(str, args)]
     return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def permission_bits_bind():
+    """A command prefix under which a folder's permission bits stop this process from writing there. Root's
+    capabilities override them (so chmod alone tests nothing when the tests run as root); util-linux's setpriv
+    drops those capabilities from the process it starts. Skips where neither holds."""
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv: permission bits cannot be made to bind")
+    return ["setpriv", "--inh-caps=-all", "--bounding-set=-dac_override,-dac_read_search,-fowner", "--"]
 
 
 def wait_for_line(process, pattern):

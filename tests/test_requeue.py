@@ -19,8 +19,8 @@ import run_folder
 import safe_io
 import shapes
 from helpers import (REPO, SLOW_SAVE_LAUNCHER, SLOW_STEP_LAUNCHER, assert_ok, assert_one_line, finish,
-                     launcher, read_log, run_in_one_interpreter, run_script, snapshot, start_train, stderr_lines,
-                     temp_files, tiny_run_args, wait_for_line)
+                     launcher, permission_bits_bind, read_log, run_in_one_interpreter, run_script, snapshot,
+                     start_train, stderr_lines, temp_files, tiny_run_args, wait_for_line)
 
 # The last epoch of a 2-epoch tiny run writes four files: checkpoint.pth, model_1.pth, model_best.pth (with
 # --eval-freq 2 the last epoch is the first evaluated, so the best) and its log line.
@@ -295,6 +295,22 @@ def test_a_folder_removed_mid_run_is_one_line(tiny_root, tmp_path):
     returncode, _, stderr = finish(process)
     assert_one_line(returncode, stderr, 1, f"{output_dir / 'checkpoint.pth'}: No such file or directory",
                     f"the folder {output_dir} is gone")
+
+
+def test_a_folder_made_read_only_mid_run_is_one_line(tiny_root, tmp_path):
+    output_dir = tmp_path / "out"
+    process = start_train(*tiny_run_args(tiny_root, output_dir, epochs=1), launcher=launcher(SLOW_STEP_LAUNCHER,
+                                                                                             tmp_path),
+                          prefix=permission_bits_bind())
+    wait_for_line(process, r"Epoch: \[0\]\s+\[0/")
+    output_dir.chmod(0o555)
+    try:
+        returncode, _, stderr = finish(process)
+    finally:
+        output_dir.chmod(0o755)
+    assert_one_line(returncode, stderr, 1, f"{output_dir / 'checkpoint.pth'}: Permission denied",
+                    "no epoch was saved yet")
+    assert sorted(path.name for path in output_dir.iterdir()) == [".train.lock"]
 
 
 def test_a_killed_dataset_generation_leaves_nothing_behind_the_next_one(tmp_path):

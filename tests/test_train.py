@@ -78,9 +78,37 @@ def test_resume_continues_at_next_epoch_with_restored_lr(trained_run, shapes_roo
     printed = [2 * iterations + i for i in range(iterations) if i % 2 == 0 or i == iterations - 1]
     for tag in ("train/loss", "train/classification", "train/bbox_regression", "train/lr"):
         assert [e.step for e in events.Scalars(tag)] == printed, tag
-    assert [(e.step, e.value) for e in events.Scalars("val/AP")] == [(3 * iterations, pytest.approx(aps[2]))]
-    per_class = {f"val_AP_per_class/{name}": values["AP"] for name, values in log[2]["per_class"].items()}
-    assert {tag: events.Scalars(tag)[0].value for tag in per_class} == pytest.approx(per_class)
+    # The resumed checkpoint's epoch too: its scalars sit at the resume's purge step, so they are written again.
+    assert [(e.step, e.value) for e in events.Scalars("val/AP")] == [(2 * iterations, pytest.approx(aps[1])),
+                                                                     (3 * iterations, pytest.approx(aps[2]))]
+    for epoch in (1, 2):
+        per_class = {f"val_AP_per_class/{name}": values["AP"] for name, values in log[epoch]["per_class"].items()}
+        assert {tag: events.Scalars(tag)[epoch - 1].value for tag in per_class} == pytest.approx(per_class)
+
+
+def test_a_finished_run_requeued_gets_the_last_validation_scalars_once(trained_run, shapes_root, tmp_path):
+    """What a kill between checkpoint.pth and the events of the last epoch leaves (here: a run without them at all)
+    is healed by the requeued command, and requeueing once more adds nothing."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    output_dir, _ = trained_run
+    finished_dir = tmp_path / "finished"
+    shutil.copytree(output_dir, finished_dir)
+    requeued = train_args(shapes_root, finished_dir, "--resume", "auto", "--tensorboard")
+    result = run_script("train.py", *requeued)
+    assert_ok(result)
+    assert "restored the validation scalars of epoch 1 in tensorboard/" in result.stdout
+    events_files = sorted((finished_dir / "tensorboard").iterdir())
+    log = read_log(finished_dir)
+    events = EventAccumulator(str(finished_dir / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("val/AP")] == [
+        (log[1]["iterations"], pytest.approx(log[1]["coco"]["AP"]))]
+
+    again = run_script("train.py", *requeued)
+    assert_ok(again)
+    assert "restored" not in again.stdout
+    assert sorted((finished_dir / "tensorboard").iterdir()) == events_files
 
 
 def test_torchrun_two_processes_trains_and_evaluates_like_one(trained_run, shapes_root, tmp_path):

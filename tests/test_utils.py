@@ -237,12 +237,19 @@ def _distributed_worker(rank, port, out_dir, gt_path, predictions):
     utils.init_distributed_mode(args)
     losses = {"b": torch.tensor(10.0 * rank), "a": torch.tensor(rank + 1.0)}
     reduced, no_signal = utils.reduce_losses_and_stop_signal(losses)
+    utils.check_stop("during evaluation", torch.device("cpu"))  # no rank has a signal: goes on
     # A SIGTERM that only rank 1 receives, during a training step, is recorded and reaches rank 0 through the same
     # reduction.
     utils.record_stop_signals()
     if rank == 1:
         os.kill(os.getpid(), signal.SIGTERM)
     reduced_again, stop_signal = utils.reduce_losses_and_stop_signal(losses)
+    # The evaluation's check stops both ranks at the same batch, not only the one that received the signal.
+    try:
+        utils.check_stop("during evaluation", torch.device("cpu"))
+        evaluation_stop = None
+    except utils.StopRequested as stop:
+        evaluation_stop = (str(stop), stop.exit_code)
 
     # What DistributedSampler(shuffle=False) gives each rank for an odd dataset: rank 0 repeats image 0 as padding.
     image_ids = sorted(predictions)
@@ -254,7 +261,7 @@ def _distributed_worker(rank, port, out_dir, gt_path, predictions):
     evaluator.accumulate()
     evaluator.summarize()
     result = {"reduced": [{k: v.item() for k, v in r.items()} for r in (reduced, reduced_again)],
-              "signals": [no_signal, stop_signal], "gathered": utils.all_gather(rank * 7), "stats": evaluator.stats}
+              "signals": [no_signal, stop_signal], "evaluation_stop": evaluation_stop, "gathered": utils.all_gather(rank * 7), "stats": evaluator.stats}
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pth"))
     torch.distributed.destroy_process_group()
 
@@ -272,6 +279,7 @@ def test_two_gloo_processes_reduce_stop_gather_and_evaluate_like_one(tmp_path):
         result = torch.load(tmp_path / f"rank{rank}.pth", weights_only=True)
         assert result["reduced"] == [{"a": 1.5, "b": 5.0}] * 2
         assert result["signals"] == [0, signal.SIGTERM]
+        assert result["evaluation_stop"] == ("stopped by SIGTERM during evaluation", 143)
         assert result["gathered"] == [0, 7]
         assert result["stats"] == single_process  # padding repeats dropped: exactly the single-process numbers
     assert 0.1 < single_process[0] < 0.9
