@@ -1,7 +1,8 @@
 """SSD512 VGG16, the SSD paper's model that torchvision does not have: its feature maps and heads, its default boxes
 against the paper's Caffe numbers (recomputed here from the Caffe scripts' formulas), its weights (VGG16 trunk,
-fine-tuning from SSD300, refusals), the layout rules shared with SSD300, and train.py / predict.py / export.py end
-to end on a tiny shapes set."""
+fine-tuning from SSD300, refusals), the layout rules shared with SSD300, --compile, and train.py / predict.py /
+export.py end to end on a tiny shapes set."""
+import copy
 import json
 import math
 import os
@@ -11,7 +12,8 @@ import torch
 import torchvision
 
 import models
-from helpers import SSD300, SSD512, assert_ok, make_realistic, random_images, run_script, sgd_step
+from helpers import (SSD300, SSD512, assert_detections_match_to_rounding, assert_ok, make_realistic, random_images,
+                     run_script, sgd_step)
 
 GRID_SIZES = [64, 32, 16, 8, 4, 2, 1]
 BOXES_PER_LOCATION = [4, 6, 6, 6, 6, 4, 4]
@@ -217,6 +219,20 @@ def test_training_step_changes_every_map():
             assert not torch.equal(before[name], after[name]), name
     assert not torch.equal(before["backbone.extra.5.2.weight"], after["backbone.extra.5.2.weight"])
 
+
+@pytest.mark.slow
+def test_compiled_detections_equal_eager():
+    """--compile as train.py --test-only and predict.py use it on CPU (eval graph, channels_last by the rule):
+    the seventh map and its 4x4 convolution compile like the rest."""
+    eager = models.get_model(SSD512, num_classes=5).eval().to(memory_format=torch.channels_last)
+    make_realistic(eager, background=8.0, reinit=False)
+    compiled = copy.deepcopy(eager)
+    models.compile_network(compiled, training=False)
+    images = random_images([(300, 400), (512, 512)])
+    with torch.inference_mode():
+        expected = eager(images)
+        assert_detections_match_to_rounding(compiled(images), expected, box_tolerance=0.03)
+    assert all(len(detections["scores"]) > 20 for detections in expected)  # detections to compare
 
 # ---------------------------------------------------------------------------------------------------------
 # The scripts end to end: two 2-image epochs at batch 2 (SSD512 on CPU is heavy)
