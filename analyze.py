@@ -33,6 +33,9 @@ column. Where boxes of different classes overlap, COCOeval's class-by-class matc
 
 The output folder must not be, or hold, an input; a rerun may replace the files an earlier analyze.py run there
 listed in its analysis.json, nothing else.
+
+Copied into another project, it needs cli.py, coco_eval.py, coco_utils.py, predict.py (the drawing and the output
+folder's checks), run_folder.py and safe_io.py, and what those import: models/, plot_curves.py and utils.py.
 """
 import argparse
 import collections

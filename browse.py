@@ -16,6 +16,9 @@ Pictures: with --annotations, every image of the file; with --dataset, the image
 them (its training split leaves out images without boxes). In image id order, at most --limit. A picture keeps the
 image's relative path (PNG unless it is a JPEG); OUTPUT_DIR/browse.json lists them with the table. The output folder
 must not be, or hold, an input; a rerun may replace the files an earlier browse.py run there listed, nothing else.
+
+Copied into another project, it needs train.py's data path (train.py with what it imports: the repository's flat
+modules and models/), since it reads a --dataset exactly as training does, and predict.py for the drawing.
 """
 import argparse
 import json
