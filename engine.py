@@ -68,10 +68,15 @@ def train_one_epoch(model, optimizer, data_loader, device, epoch, print_freq, sc
 
     # torchvision's linear warm-up, first epoch only, on top of the epoch scheduler. A one-batch epoch gets none:
     # LinearLR with total_iters=0 would leave the lr at start_factor for good.
-    warmup_iters = min(warmup_iters, len(data_loader) - 1)
     warmup = None
     if epoch == 0 and warmup_iters > 0:
-        warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0 / 1000, total_iters=warmup_iters)
+        if warmup_iters > len(data_loader) - 1:
+            # Said, since a shorter warm-up than asked for can be what makes a from-scratch run diverge.
+            print(f"--warmup-iters {warmup_iters}: the first epoch has {len(data_loader)} steps, so the warm-up takes "
+                  f"{max(len(data_loader) - 1, 0)} (it stays within the first epoch, as torchvision's)")
+            warmup_iters = len(data_loader) - 1
+        if warmup_iters > 0:
+            warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0 / 1000, total_iters=warmup_iters)
 
     for iteration, (images, targets) in enumerate(metric_logger.log_every(data_loader, print_freq, header)):
         images = [image.to(device, non_blocking=True) for image in images]

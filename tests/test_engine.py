@@ -85,6 +85,7 @@ def test_train_one_epoch_warm_up_means_and_learning(dataset, capsys):
 
     # The lr each step used: the warm-up ramps 1/1000 -> 1 over two steps, in epoch 0 only.
     assert printed_lrs(out) == [0.00001, 0.005005, 0.01] + [0.01] * 9
+    assert out.count("--warmup-iters 1000: the first epoch has 3 steps, so the warm-up takes 2") == 1
     for means in epochs:
         assert set(means) == {"loss", "bbox_regression", "classification", "lr"}
         assert all(math.isfinite(v) for v in means.values())
@@ -98,7 +99,9 @@ def test_warm_up_can_be_disabled(dataset, capsys):
     model = make_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.02)
     engine.train_one_epoch(model, optimizer, loader(dataset, 3), torch.device("cpu"), 0, 1, warmup_iters=0)
-    assert printed_lrs(capsys.readouterr().out) == [0.02, 0.02]
+    out = capsys.readouterr().out
+    assert printed_lrs(out) == [0.02, 0.02]
+    assert "--warmup-iters" not in out
 
 
 class WithNaNImages(torch.utils.data.Dataset):
