@@ -282,10 +282,12 @@ def test_when_one_rank_dies_the_other_exits_promptly_in_one_line(shapes_root, tm
         workers = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
         assert len(workers) == 2
         os.kill(next(int(pid) for pid in workers if rank_of(pid) == 1), signal.SIGKILL)
-        killed_at = time.monotonic()
-        process.wait(timeout=90)
+        after_the_kill, _ = process.communicate(timeout=SCRIPT_TIMEOUT)
         assert process.returncode != 0
-        assert time.monotonic() - killed_at < 60
+        # Promptly: rank 0 stops at its next collective, in the epoch of the kill, instead of training on through
+        # the 50 epochs (or waiting out gloo's timeout), however busy the machine.
+        epochs_after = [int(epoch) for epoch in re.findall(r"Epoch: \[(\d+)\]", after_the_kill)]
+        assert max(epochs_after, default=0) == 0, after_the_kill[-3000:]
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
