@@ -297,6 +297,7 @@ def test_a_folder_removed_mid_run_is_one_line(tiny_root, tmp_path):
                     f"the folder {output_dir} is gone")
 
 
+@pytest.mark.slow
 def test_a_folder_made_read_only_mid_run_is_one_line(tiny_root, tmp_path):
     output_dir = tmp_path / "out"
     process = start_train(*tiny_run_args(tiny_root, output_dir, epochs=1), launcher=launcher(SLOW_STEP_LAUNCHER,
