@@ -70,11 +70,12 @@ def train_one_epoch(model, optimizer, data_loader, device, epoch, print_freq, sc
     # LinearLR with total_iters=0 would leave the lr at start_factor for good.
     warmup = None
     if epoch == 0 and warmup_iters > 0:
-        if warmup_iters > len(data_loader) - 1:
+        longest = len(data_loader) - 1
+        if warmup_iters > longest:
             # Said, since a shorter warm-up than asked for can be what makes a from-scratch run diverge.
             print(f"--warmup-iters {warmup_iters}: the first epoch has {len(data_loader)} steps, so the warm-up takes "
-                  f"{max(len(data_loader) - 1, 0)} (it stays within the first epoch, as torchvision's)")
-            warmup_iters = len(data_loader) - 1
+                  f"{longest} (it stays within the first epoch, as torchvision's)")
+            warmup_iters = longest
         if warmup_iters > 0:
             warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0 / 1000, total_iters=warmup_iters)
 

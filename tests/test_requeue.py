@@ -300,9 +300,8 @@ def test_a_folder_removed_mid_run_is_one_line(tiny_root, tmp_path):
 @pytest.mark.slow
 def test_a_folder_made_read_only_mid_run_is_one_line(tiny_root, tmp_path):
     output_dir = tmp_path / "out"
-    process = start_train(*tiny_run_args(tiny_root, output_dir, epochs=1), launcher=launcher(SLOW_STEP_LAUNCHER,
-                                                                                             tmp_path),
-                          prefix=permission_bits_bind())
+    process = start_train(*tiny_run_args(tiny_root, output_dir, epochs=1),
+                          launcher=launcher(SLOW_STEP_LAUNCHER, tmp_path), prefix=permission_bits_bind())
     wait_for_line(process, r"Epoch: \[0\]\s+\[0/")
     output_dir.chmod(0o555)
     try:

@@ -222,7 +222,7 @@ def test_training_step_changes_every_map():
 
 @pytest.mark.slow
 def test_compiled_detections_equal_eager():
-    """--compile as train.py --test-only and predict.py use it on CPU (eval graph, channels_last by the rule):
+    """--compile as train.py --test-only and predict.py use it (the eval graph, channels_last as on AVX-512 CPUs):
     the seventh map and its 4x4 convolution compile like the rest."""
     eager = models.get_model(SSD512, num_classes=5).eval().to(memory_format=torch.channels_last)
     make_realistic(eager, background=8.0, reinit=False)
@@ -233,6 +233,7 @@ def test_compiled_detections_equal_eager():
         expected = eager(images)
         assert_detections_match_to_rounding(compiled(images), expected, box_tolerance=0.03)
     assert all(len(detections["scores"]) > 20 for detections in expected)  # detections to compare
+
 
 # ---------------------------------------------------------------------------------------------------------
 # The scripts end to end: two 2-image epochs at batch 2 (SSD512 on CPU is heavy)
