@@ -231,7 +231,8 @@ def main(args):
     for module, package in (("onnx", "onnx"), ("onnxscript", "onnxscript"), ("onnxruntime", "onnxruntime")):
         require(module, package)
     check_output(args)
-    model, model_name, class_names = models.load_detector(args.weights, args.model)
+    model, model_name, categories = models.load_detector(args.weights, args.model)
+    class_names = models.class_names(categories)
     if args.score_thresh is not None:
         model.score_thresh = args.score_thresh
     batch = load_check_batch(args.check, model.size)

@@ -273,8 +273,8 @@ def main(args):
     picture_names = [picture_name for _, picture_name in images]
     check_no_foreign_file_replaced(args.output_dir, [*picture_names, SUMMARY_NAME], earlier_outputs(args.output_dir))
     safe_io.prepare_output_dir(args.output_dir)
-    model, model_name, class_names = models.load_detector(args.weights, args.model)
-    category_ids = models.category_ids(models.read_weights_record(args.weights)[1])
+    model, model_name, categories = models.load_detector(args.weights, args.model)
+    class_names, category_ids = models.class_names(categories), models.category_ids(categories)
     model.to(args.device)
     if models.prefers_channels_last(model_name, args.device, training=False):
         model.to(memory_format=torch.channels_last)

@@ -9,7 +9,7 @@ from .ssd import SSD, SSD300_INPUT_SIZE, TargetError, ssd300_vgg16
 from .ssd512 import SSD512_INPUT_SIZE, ssd512_vgg16
 from .ssdlite import SSDLITE320_INPUT_SIZE, ssdlite320_mobilenet_v3_large
 from .weights import (WeightsError, category_ids, class_names, load_checkpoint_file, load_model_state,
-                      read_weights_metadata, read_weights_record)
+                      read_weights_record)
 
 _BUILDERS = {
     "ssd300_vgg16": ssd300_vgg16,
@@ -40,8 +40,7 @@ _CHANNELS_LAST = {  # (device kind, training) -> model names
 __all__ = [
     "INPUT_SIZES", "SSD", "TRAINABLE_LAYERS", "TargetError", "CompileError", "WeightsError", "category_ids",
     "class_names", "compile_network", "get_model", "list_models",
-    "load_checkpoint_file", "load_detector", "load_model_state", "prefers_channels_last", "read_weights_metadata",
-    "read_weights_record",
+    "load_checkpoint_file", "load_detector", "load_model_state", "prefers_channels_last", "read_weights_record",
     *_BUILDERS,
 ]
 
@@ -73,12 +72,12 @@ def get_model(name: str, *, weights=None, weights_backbone=None, num_classes=Non
     )
 
 
-def load_detector(weights, model_name=None) -> tuple[SSD, str, dict[int, str]]:
-    """(model in eval mode, model name, {label: class name}) from a checkpoint file or a torchvision weights name,
-    loaded strictly and built with the options the checkpoint records (SSD512's default_boxes). model_name may be
-    None where the weights say which model they belong to (our checkpoints and torchvision's names do); given, it
-    must agree with them."""
-    saved_model_name, names, options = read_weights_metadata(weights)
+def load_detector(weights, model_name=None) -> tuple[SSD, str, dict]:
+    """(model in eval mode, model name, the classes as recorded: read_weights_record's, for class_names and
+    category_ids) from a checkpoint file or a torchvision weights name, loaded strictly and built with the options
+    the checkpoint records (SSD512's default_boxes). model_name may be None where the weights say which model they
+    belong to (our checkpoints and torchvision's names do); given, it must agree with them."""
+    saved_model_name, categories, options = read_weights_record(weights)
     if model_name is None:
         if saved_model_name is None:
             raise WeightsError(f"{weights} does not say which model it belongs to: name the model (--model)")
@@ -87,7 +86,7 @@ def load_detector(weights, model_name=None) -> tuple[SSD, str, dict[int, str]]:
         raise WeightsError(f"unknown model '{model_name}'; valid names: {', '.join(_BUILDERS)}")
     elif saved_model_name is not None and saved_model_name != model_name:
         raise WeightsError(f"model {model_name} does not match weights {weights}, which belong to {saved_model_name}")
-    return get_model(model_name, weights=weights, **options).eval(), model_name, names
+    return get_model(model_name, weights=weights, **options).eval(), model_name, categories
 
 
 def prefers_channels_last(name: str, device, training: bool) -> bool:

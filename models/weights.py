@@ -117,14 +117,6 @@ def load_weights(spec, torchvision_models: tuple[str, ...], num_classes: int | N
 SAVED_BUILDER_OPTIONS = ("default_boxes",)
 
 
-def read_weights_metadata(spec) -> tuple[str | None, dict[int, str], dict]:
-    """(model name or None, {label: class name}, {builder option: value}) recorded with weights `spec`, a
-    checkpoint file or one of torchvision's weights names, read without building a model. A plain state_dict
-    records none of them; the options are those of SAVED_BUILDER_OPTIONS the checkpoint's args set."""
-    model_name, categories, options = read_weights_record(spec)
-    return model_name, class_names(categories), options
-
-
 def read_weights_record(spec) -> tuple[str | None, dict, dict]:
     """(model name or None, the classes as recorded, {builder option: value}) of weights `spec`, read without
     building a model: a checkpoint's "categories" as stored (the category table {label: {"id", "name"}}, or the

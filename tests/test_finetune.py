@@ -63,7 +63,8 @@ def test_class_names_reads_both_checkpoint_forms(checkpoints):
     assert models.class_names(None) == {}
     # predict.py and export.py take their names from models.load_detector, which reads the table form.
     for form in ("table", "names"):
-        _, model_name, names = models.load_detector(str(checkpoints[form]))
+        _, model_name, categories = models.load_detector(str(checkpoints[form]))
+        names = models.class_names(categories)
         assert model_name == LITE and names[DOG] == "dog" and names[PERSON] == "person" and len(names) == 80
 
 
